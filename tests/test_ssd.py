@@ -1,0 +1,311 @@
+"""Tests of ssd.py against an independent token-loop oracle written here (float64)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssd
+from ssd import ssd_chunked, ssd_naive, ssd_step, ssd_triton
+
+triton_available = ssd.triton is not None
+needs_triton = pytest.mark.skipif(not triton_available, reason="triton is not installed")
+
+
+def oracle(x, dt, A, B, C, D=None, h0=None):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t, per head, in float64."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    out = torch.zeros(b, L, H, P, dtype=torch.float64)
+    hT = torch.zeros(b, H, P, N, dtype=torch.float64)
+    for i in range(b):
+        for h in range(H):
+            g = h // (H // G)
+            s = torch.zeros(P, N, dtype=torch.float64) if h0 is None else h0[i, h].double()
+            for t in range(L):
+                s = torch.exp(dt[i, t, h] * A[h]) * s + dt[i, t, h] * torch.outer(x[i, t, h], B[i, t, g])
+                out[i, t, h] = s @ C[i, t, g]
+                if D is not None:
+                    out[i, t, h] = out[i, t, h] + D[h].double() * x[i, t, h]
+            hT[i, h] = s
+    return out, hT
+
+
+def oracle_vectorised(x, dt, A, B, C, D=None, h0=None):
+    """The same loop over t, vectorised over batch and heads, differentiable (for gradients)."""
+    b, L, H, P = x.shape
+    G = B.shape[2]
+    Bh = B.repeat_interleave(H // G, dim=2)
+    Ch = C.repeat_interleave(H // G, dim=2)
+    s = torch.zeros(b, H, P, B.shape[3], dtype=x.dtype) if h0 is None else h0
+    ys = []
+    for t in range(L):
+        s = torch.exp(dt[:, t] * A)[..., None, None] * s + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None]
+        ys.append((s * Ch[:, t, :, None]).sum(-1))
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + D[:, None] * x
+    return y, s
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(b=2, L=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, D=True, h0=True):
+    return ssd.random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0)
+
+
+def test_oracles_agree():
+    args = inputs(b=1, L=9, H=2, P=3, G=1, N=4)
+    y1, h1 = oracle(*args)
+    y2, h2 = oracle_vectorised(*args)
+    assert rel(y2, y1) < 1e-14 and rel(h2, h1) < 1e-14
+
+
+@pytest.mark.parametrize("L,Q,G", [(37, 8, 2), (64, 16, 1), (5, 16, 4), (50, 7, 2), (1, 4, 2)])
+def test_chunked_matches_oracle_float64(L, Q, G):
+    args = inputs(L=L, G=G)
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_chunked(*args, chunk_size=Q)
+    assert y.dtype == torch.float64
+    assert rel(y, y_ref) <= 1e-10
+    assert rel(h, h_ref) <= 1e-10
+
+
+def test_chunked_without_D_and_state():
+    args = inputs(L=29, D=False, h0=False)
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_chunked(*args, chunk_size=8)
+    assert rel(y, y_ref) <= 1e-10 and rel(h, h_ref) <= 1e-10
+
+
+def test_naive_matches_oracle():
+    args = inputs(L=23)
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_naive(*args)
+    assert rel(y, y_ref) <= 1e-12 and rel(h, h_ref) <= 1e-12
+
+
+def test_dispatch_and_bad_impl():
+    args = inputs(L=11)
+    y, _ = ssd.ssd(*args, chunk_size=4)
+    y_ref, _ = oracle(*args)
+    assert rel(y, y_ref) <= 1e-10
+    y2, _ = ssd.ssd(*args, impl="naive")
+    assert rel(y2, y_ref) <= 1e-10
+    with pytest.raises(ValueError, match="impl"):
+        ssd.ssd(*args, impl="fast")
+
+
+def test_chunked_float32_close_to_oracle():
+    args = inputs(L=70, dtype=torch.float32)
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_chunked(*args, chunk_size=16)
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
+
+
+def test_chunked_gradcheck_float64():
+    x, dt, A, B, C, D, h0 = inputs(b=1, L=7, H=2, P=2, G=1, N=3)
+    args = [t.requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+
+    def f(*a):
+        y, h = ssd_chunked(*a, chunk_size=3)
+        return y, h
+
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_chunked_gradients_match_oracle_autograd():
+    base = inputs(L=21, G=2)
+    a1 = [t.clone().requires_grad_() for t in base]
+    a2 = [t.clone().requires_grad_() for t in base]
+    g = torch.Generator().manual_seed(1)
+    wy = torch.randn(2, 21, 4, 5, generator=g, dtype=torch.float64)
+    wh = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64)
+    y, h = ssd_chunked(*a1, chunk_size=8)
+    ((y * wy).sum() + (h * wh).sum()).backward()
+    y, h = oracle_vectorised(*a2)
+    ((y * wy).sum() + (h * wh).sum()).backward()
+    for name, t1, t2 in zip(["x", "dt", "A", "B", "C", "D", "h0"], a1, a2):
+        assert rel(t1.grad, t2.grad) <= 1e-10, name
+
+
+@pytest.mark.parametrize("L,k", [(30, 5), (32, 3), (1, 4)])
+def test_prefill_then_steps_equals_full(L, k):
+    x, dt, A, B, C, D, h0 = inputs(L=L + k)
+    y_full, h_full = ssd_chunked(x, dt, A, B, C, D, h0, chunk_size=8)
+    y_pre, state = ssd_chunked(x[:, :L], dt[:, :L], A, B[:, :L], C[:, :L], D, h0, chunk_size=8)
+    ys = [y_pre]
+    for t in range(L, L + k):
+        y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D)
+        ys.append(y_t[:, None])
+    assert rel(torch.cat(ys, 1), y_full) <= 1e-12
+    assert rel(state, h_full) <= 1e-12
+
+
+def test_step_keeps_float32_state():
+    x, dt, A, B, C, D, h0 = inputs(L=1, dtype=torch.float16)
+    y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0.float(), D)
+    assert state.dtype == torch.float32 and y.dtype == torch.float16
+
+
+def test_long_sequence_float32_stable():
+    """L = 65,536 in float32: finite, and within 1e-4 of a float64 run."""
+    x, dt, A, B, C, D, h0 = inputs(b=1, L=65536, H=2, P=8, G=1, N=8, dtype=torch.float64, seed=3)
+    A = A / 16.0  # slow decays (A in [-1, -1/16]): the state remembers thousands of tokens
+    y64, h64 = ssd_chunked(x, dt, A, B, C, D, h0, chunk_size=64)
+    y32, h32 = ssd_chunked(*(t.float() for t in (x, dt, A, B, C, D, h0)), chunk_size=64)
+    assert torch.isfinite(y32).all() and torch.isfinite(h32).all()
+    assert rel(y32, y64) <= 1e-4 and rel(h32, h64) <= 1e-4
+
+
+def strong_decay_inputs(dtype):
+    x, dt, A, B, C, D, h0 = inputs(L=40, dtype=dtype)
+    dt = torch.full_like(dt, 5.0)
+    A = torch.full_like(A, -10.0)                  # dt * A = -50 per step
+    return x, dt, A, B, C, D, h0
+
+
+def test_strong_decay_no_nan_chunked():
+    args = [t.float().requires_grad_() for t in strong_decay_inputs(torch.float32)]
+    y, h = ssd_chunked(*args, chunk_size=16)
+    (y.sum() + h.sum()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    for t in args:
+        assert torch.isfinite(t.grad).all()
+    y_ref, _ = oracle(*[t.detach() for t in args])
+    assert rel(y, y_ref) <= 1e-5
+
+
+def test_deterministic():
+    args = inputs(L=33, dtype=torch.float32)
+    y1, h1 = ssd_chunked(*args, chunk_size=8)
+    y2, h2 = ssd_chunked(*args, chunk_size=8)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def good():
+    return dict(zip(["x", "dt", "A", "B", "C", "D", "initial_state"], inputs(L=6, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("fn", [ssd_naive, ssd_chunked])
+@pytest.mark.parametrize("name,bad,pattern", [
+    ("x", lambda a: a["x"][0], r"x must have shape \(b, L, H, P\)"),
+    ("dt", lambda a: a["dt"][..., :3], r"dt must have shape \(b, L, H\) = \(2, 6, 4\)"),
+    ("A", lambda a: a["A"][:2], r"A must have shape \(H,\) = \(4,\)"),
+    ("B", lambda a: a["B"][:, :5], r"B must have shape \(b, L, G, N\)"),
+    ("B", lambda a: a["B"][:, :, 0], r"B must have shape \(b, L, G, N\)"),
+    ("C", lambda a: a["C"][..., :3], r"C must have shape \(b, L, G, N\) = \(2, 6, 2, 6\)"),
+    ("D", lambda a: a["D"][:1], r"D must have shape \(H,\) = \(4,\)"),
+    ("initial_state", lambda a: a["initial_state"][:, :, :2], r"initial_state must have shape \(b, H, P, N\) = \(2, 4, 5, 6\)"),
+    ("A", lambda a: -a["A"], r"A must be <= 0"),
+    ("dt", lambda a: -a["dt"], r"dt must be >= 0"),
+    ("x", lambda a: a["x"].long(), r"x must be a floating-point tensor"),
+    ("B", lambda a: a["B"].to(torch.int32), r"B must be a floating-point tensor"),
+    ("D", lambda a: a["D"].to("meta"), r"D is on meta but x is on cpu"),
+])
+def test_bad_inputs(fn, name, bad, pattern):
+    a = good()
+    a[name] = bad(a)
+    with pytest.raises(ValueError, match=pattern):
+        fn(**a)
+
+
+def test_heads_not_multiple_of_groups():
+    a = good()
+    a["B"] = torch.randn(2, 6, 3, 6)
+    a["C"] = torch.randn(2, 6, 3, 6)
+    with pytest.raises(ValueError, match="H = 4 must be a multiple of G"):
+        ssd_chunked(**a)
+
+
+def test_step_bad_state_shape():
+    x, dt, A, B, C, D, h0 = inputs(L=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0[:, :, :2], D)
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+
+
+def dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_triton
+@pytest.mark.parametrize("L,Q,G,P,N", [(37, 16, 2, 5, 6), (64, 16, 4, 16, 16), (3, 32, 1, 20, 17)])
+def test_triton_forward_float32(L, Q, G, P, N):
+    args = inputs(L=L, G=G, P=P, N=N)
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_triton(*(t.float().to(dev()) for t in args), chunk_size=Q)
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    assert rel(y.cpu(), y_ref) <= 1e-5 and rel(h.cpu(), h_ref) <= 1e-5
+
+
+@needs_triton
+def test_triton_forward_without_D_and_state():
+    args = inputs(L=21, D=False, h0=False)
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_triton(*(None if t is None else t.float().to(dev()) for t in args), chunk_size=16)
+    assert rel(y.cpu(), y_ref) <= 1e-5 and rel(h.cpu(), h_ref) <= 1e-5
+
+
+@needs_triton
+def test_triton_float16():
+    args = inputs(L=40)
+    y_ref, _ = oracle(*args)
+    y, h = ssd_triton(*(t.half().to(dev()) for t in args[:-1]), args[-1].float().to(dev()), chunk_size=16)
+    assert y.dtype == torch.float16 and h.dtype == torch.float32
+    assert rel(y.cpu(), y_ref) <= 5e-3
+
+
+@needs_triton
+def test_triton_strided_input():
+    """Non-contiguous views (e.g. slices of a fused projection) give the same result."""
+    x, dt, A, B, C, D, h0 = inputs(L=19, dtype=torch.float32)
+    xbig = torch.cat([x, x], dim=-1)[..., :5]
+    y_ref, _ = oracle(x, dt, A, B, C, D, h0)
+    y, _ = ssd_triton(*(t.to(dev()) for t in (xbig, dt, A, B, C, D, h0)), chunk_size=16)
+    assert rel(y.cpu(), y_ref) <= 1e-5
+
+
+@needs_triton
+def test_triton_gradients_match_oracle():
+    base = inputs(L=25, G=2)
+    a64 = [t.clone().requires_grad_() for t in base]
+    a32 = [t.float().to(dev()).requires_grad_() for t in base]
+    g = torch.Generator().manual_seed(2)
+    wy = torch.randn(2, 25, 4, 5, generator=g, dtype=torch.float64)
+    wh = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64)
+    y, h = oracle_vectorised(*a64)
+    ((y * wy).sum() + (h * wh).sum()).backward()
+    y, h = ssd_triton(*a32, chunk_size=16)
+    ((y * wy.float().to(dev())).sum() + (h * wh.float().to(dev())).sum()).backward()
+    for name, t64, t32 in zip(["x", "dt", "A", "B", "C", "D", "h0"], a64, a32):
+        assert rel(t32.grad.cpu(), t64.grad) <= 1e-4, name
+
+
+@needs_triton
+def test_triton_strong_decay_no_nan():
+    args = [t.float().to(dev()).requires_grad_() for t in strong_decay_inputs(torch.float32)]
+    y, h = ssd_triton(*args, chunk_size=16)
+    (y.sum() + h.sum()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    for t in args:
+        assert torch.isfinite(t.grad).all()
+    y_ref, _ = oracle(*[t.detach().cpu() for t in args])
+    assert rel(y.detach().cpu(), y_ref) <= 1e-5
+
+
+@needs_triton
+def test_triton_bad_input_is_checked():
+    a = good()
+    a["A"] = -a["A"]
+    with pytest.raises(ValueError, match="A must be <= 0"):
+        ssd_triton(**a)
