@@ -1,0 +1,747 @@
+"""Synthetic multimodal benchmark, LLaVA-style JSONL data, tokenizer, chat template, batching, scoring.
+
+The paper (mmMamba, arXiv 2502.13145, Tables 1 and 3-6) scores its students on vision-language
+benchmarks: POPE (object hallucination), MME (existence, count, colour, position, OCR, ...),
+TextVQA (reading text in images), GQA (spatial relations), ScienceQA / MMBench (reasoning). HoVLE
+and those benchmarks cannot be downloaded here, so this file draws a small benchmark with the same
+skills using pillow, one category per skill:
+
+    category  mirrors              example question                                 answers
+    exist     POPE, MME existence  Is there a red circle?                           yes / no
+    count     MME count            How many triangles are there?                    0 .. 4
+    color     MME color            What color is the square?                        6 colours
+    shape     MME / GQA attribute  What shape is the blue object?                   5 shapes
+    position  GQA, MME position    Is the red circle to the left of the blue cross? yes / no
+    text      TextVQA, MME OCR     What does the text say?                          2-4 glyphs
+    reason    ScienceQA / MMBench  Are there more circles than squares?             yes / no
+
+Scenes: a 128 px RGB image cut into an 8 x 8 grid of 16 px cells; each cell is empty, holds one
+object (a shape in a colour) or one glyph (a letter or digit on a grey tile; the glyphs of one
+scene form a single word written left to right in adjacent cells of one row). Row 0 is the top row,
+column 0 the left column, and "above" means a smaller row. The model patchifies with 8 px patches
+and pixel-shuffles by 0.5, so every cell becomes exactly one image token: 64 image tokens per image
+(`IMAGE_TOKENS`). Every sample also carries `cells`, 64 ints (row-major, `cells[r * 8 + c]`) saying
+what each cell holds; stage-0 teacher training uses them as an auxiliary per-image-token target
+(the image tokens must therefore be ordered row-major). Every answer is drawn uniformly from its
+category's answer set, independently of the question's wording, so no question can be answered
+without the image; `CHANCE` gives the accuracy of guessing.
+
+On disk: LLaVA-style JSONL with PNG images beside it (paths relative to the JSONL's folder):
+    {"image": "images/000123.png", "category": "count", "cells": [...64 ints...],
+     "conversations": [{"from": "human", "value": "<image>\\nHow many circles are there?"},
+                       {"from": "gpt", "value": "3"}]}
+`load_jsonl` reads this and a user's own LLaVA-style file (no `cells` and no `category` needed).
+
+Tokenizer: word level over the benchmark's closed vocabulary, with a fallback for anything else
+(a known single character, else its UTF-8 bytes), so any text encodes and decodes exactly, and no
+vocabulary is downloaded. Chat template (DESIGN section 4), one line per piece, no other spaces:
+    <s><|im_start|>user\\n<img><IMG_CONTEXT> x 64</img>\\n{question}<|im_end|><|im_start|>assistant\\n
+    {answer}<|im_end|>
+The answer tokens and the closing <|im_end|> are the ones trained on (`answer_mask`, `labels`).
+
+Run:
+    python data.py                                           # preview samples, vocab, chance levels
+    python data.py --out data/train --n 20000 --seed 0       # write a training set
+    python data.py --out data/test --n 1400 --seed 0 --split test   # a held-out test set
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# The closed world of the benchmark. These are constants (not config fields) because the
+# tokenizer's vocabulary and the cell classes are built from them and must not change with a run.
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+PLURALS = ("circles", "squares", "triangles", "diamonds", "crosses")
+COLORS = {  # name -> RGB; the background is black and text tiles are grey, so none of them clash
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 100, 240),
+    "yellow": (245, 220, 40),
+    "purple": (170, 70, 220),
+    "white": (255, 255, 255),
+}
+COLOR_NAMES = tuple(COLORS)
+GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"  # no I/1, O/0, Q: they look alike in a 5 x 7 font
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+CATEGORIES = ("exist", "count", "color", "shape", "position", "text", "reason")
+
+BACKGROUND = (0, 0, 0)
+TILE = (190, 190, 190)  # the grey tile behind a glyph
+INK = (0, 0, 0)  # glyph colour
+
+# Cell classes: 0 = empty, then one per (shape, colour), then one per glyph.
+N_OBJECT_CLASSES = len(SHAPES) * len(COLORS)
+NUM_CELL_CLASSES = 1 + N_OBJECT_CLASSES + len(GLYPHS)  # 62
+IGNORE_INDEX = -100  # "unknown" in batched cells and labels (torch cross_entropy's ignore_index)
+
+
+def object_class(shape: int, color: int) -> int:
+    """Cell class of an object with shape index `shape` and colour index `color`."""
+    return 1 + shape * len(COLORS) + color
+
+
+def glyph_class(ch: str) -> int:
+    """Cell class of glyph character `ch`."""
+    return 1 + N_OBJECT_CLASSES + GLYPHS.index(ch)
+
+
+def describe_cell(cls: int) -> tuple:
+    """Inverse of the two above: ("empty",), ("object", shape, colour) or ("glyph", char)."""
+    if cls == 0:
+        return ("empty",)
+    if cls <= N_OBJECT_CLASSES:
+        shape, color = divmod(cls - 1, len(COLORS))
+        return ("object", SHAPES[shape], COLOR_NAMES[color])
+    return ("glyph", GLYPHS[cls - 1 - N_OBJECT_CLASSES])
+
+
+def num_image_tokens(image_size: int = 128, patch_size: int = 8, downsample: float = 0.5) -> int:
+    """Image tokens per image after patchify and pixel shuffle (HoVLE: 448 px, 14, 0.5 -> 256)."""
+    side = int(image_size // patch_size * downsample)
+    return side * side
+
+
+IMAGE_TOKENS = num_image_tokens()  # 64: one per 16 px cell
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 128  # side of the square RGB image in pixels (user images are resized to it)
+    cell_size: int = 16  # side of one grid cell in pixels; one cell = one image token
+    grid: int = 8  # cells per side: grid * cell_size == image_size
+    min_objects: int = 3  # objects drawn per scene, at least (a question may need more)
+    max_objects: int = 8  # objects drawn per scene, at most (before what a question needs)
+    max_count: int = 4  # count answers are 0 .. max_count; reason compares counts in that range
+    text_min_len: int = 2  # shortest word in the `text` category
+    text_max_len: int = 4  # longest word in the `text` category
+    text_prob: float = 0.3  # chance that a scene of another category also shows a word
+    categories: tuple[str, ...] = CATEGORIES  # categories to draw, in round-robin order
+
+    def __post_init__(self):
+        self.categories = tuple(self.categories)
+        if self.image_size != self.grid * self.cell_size:
+            raise ValueError(f"image_size ({self.image_size}) must equal grid ({self.grid}) * "
+                             f"cell_size ({self.cell_size})")
+        if self.cell_size < 8:
+            raise ValueError(f"cell_size must be >= 8 px to draw legible shapes, "
+                             f"got {self.cell_size}")
+        if not 1 <= self.max_count <= min(len(SHAPES), len(COLORS)):
+            raise ValueError(f"max_count must be in 1..{min(len(SHAPES), len(COLORS))} (objects in "
+                             f"a scene are distinct shape-colour pairs), got {self.max_count}")
+        if not 1 <= self.text_min_len <= self.text_max_len <= self.grid:
+            raise ValueError(f"need 1 <= text_min_len <= text_max_len <= grid, got "
+                             f"{self.text_min_len}, {self.text_max_len}, grid {self.grid}")
+        if not 0 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 0 <= min_objects <= max_objects, got {self.min_objects}, "
+                             f"{self.max_objects}")
+        most = max(self.max_objects, 2 * self.max_count) + self.text_max_len
+        if most > self.grid * self.grid or self.max_objects > N_OBJECT_CLASSES - len(COLORS):
+            raise ValueError(f"max_objects={self.max_objects} does not fit a {self.grid}x{self.grid}"
+                             f" grid with distinct objects")
+        if not 0.0 <= self.text_prob <= 1.0:
+            raise ValueError(f"text_prob must be in [0, 1], got {self.text_prob}")
+        unknown = set(self.categories) - set(CATEGORIES)
+        if not self.categories or unknown:
+            raise ValueError(f"categories must be a non-empty subset of {CATEGORIES}, "
+                             f"got {self.categories}")
+
+    @property
+    def n_cells(self) -> int:
+        return self.grid * self.grid
+
+
+def chance_levels(cfg: DataConfig | None = None) -> dict[str, float]:
+    """Accuracy of a uniform guess per category (every answer set is drawn uniformly)."""
+    cfg = cfg or DataConfig()
+    n_words = sum(len(GLYPHS) ** n for n in range(cfg.text_min_len, cfg.text_max_len + 1))
+    return {"exist": 0.5, "count": 1 / (cfg.max_count + 1), "color": 1 / len(COLORS),
+            "shape": 1 / len(SHAPES), "position": 0.5, "text": 1 / n_words, "reason": 0.5}
+
+
+CHANCE = chance_levels()
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing: the image is a pure function of the 64 cell classes.
+
+
+@lru_cache(maxsize=None)
+def _glyph_mask(ch: str, scale: int) -> Image.Image:
+    """The glyph in PIL's built-in bitmap font, cropped to a common 6 x 7 box, scaled up crisply."""
+    load = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)  # Pillow >= 10.1
+    canvas = Image.new("L", (10, 14), 0)
+    ImageDraw.Draw(canvas).text((1, 1), ch, fill=255, font=load())
+    return canvas.crop((1, 3, 7, 10)).resize((6 * scale, 7 * scale), Image.NEAREST)
+
+
+def _draw_object(d: ImageDraw.ImageDraw, shape: str, rgb: tuple, x0: int, y0: int, size: int):
+    m = size // 8  # inset: objects never touch their cell's border
+    l, t, r, b = x0 + m, y0 + m, x0 + size - 1 - m, y0 + size - 1 - m
+    cx, cy = (l + r) / 2, (t + b) / 2
+    if shape == "circle":
+        d.ellipse((l, t, r, b), fill=rgb)
+    elif shape == "square":
+        d.rectangle((l + 1, t + 1, r - 1, b - 1), fill=rgb)
+    elif shape == "triangle":
+        d.polygon([(cx, t), (r, b), (l, b)], fill=rgb)
+    elif shape == "diamond":
+        d.polygon([(cx, t), (r, cy), (cx, b), (l, cy)], fill=rgb)
+    elif shape == "cross":
+        w = size // 8  # half the arm thickness
+        d.rectangle((l, round(cy) - w, r, round(cy) + w - 1), fill=rgb)
+        d.rectangle((round(cx) - w, t, round(cx) + w - 1, b), fill=rgb)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_scene(cells: Sequence[int], cfg: DataConfig) -> Image.Image:
+    """Draw the RGB image (cfg.image_size square) whose grid cells hold the classes `cells`."""
+    if len(cells) != cfg.n_cells:
+        raise ValueError(f"cells must have {cfg.n_cells} entries, got {len(cells)}")
+    size = cfg.cell_size
+    img = Image.new("RGB", (cfg.image_size, cfg.image_size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    scale = max(1, (size - 2) // 7)
+    for i, cls in enumerate(cells):
+        kind = describe_cell(cls)
+        y0, x0 = (i // cfg.grid) * size, (i % cfg.grid) * size
+        if kind[0] == "object":
+            _draw_object(d, kind[1], COLORS[kind[2]], x0, y0, size)
+        elif kind[0] == "glyph":
+            d.rectangle((x0, y0, x0 + size - 1, y0 + size - 1), fill=TILE)
+            mask = _glyph_mask(kind[1], scale)
+            img.paste(INK, (x0 + (size - mask.width) // 2, y0 + (size - mask.height) // 2), mask)
+    return img
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor (3, H, W). Samples keep uint8 (4x smaller than float)."""
+    array = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def pixel_values(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, S, S) -> float32 normalised to [-1, 1] (x / 127.5 - 1), the model's input."""
+    return image.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples and question generators
+
+
+@dataclass
+class Sample:
+    image: torch.Tensor  # uint8 (3, S, S)
+    question: str  # without the "<image>" placeholder; the template puts the image first
+    answer: str
+    category: str = "custom"
+    cells: list[int] | None = None  # per-cell classes, row-major; None when unknown
+    source: str = ""  # "file:line" for loaded samples, "split/seed/index" for synthetic ones
+
+
+def _scene(rng: random.Random, cfg: DataConfig, required: list[tuple[int, int]],
+           allowed: Callable[[int, int], bool] = lambda s, c: True,
+           text: str | None = None) -> list[int]:
+    """Cells holding the (shape, colour) objects `required`, random fillers for which `allowed` is
+    true, and optionally the word `text`; every object is a distinct (shape, colour) pair."""
+    cells = [0] * cfg.n_cells
+    if text is None and rng.random() < cfg.text_prob:
+        text = _random_word(rng, cfg)
+    if text:
+        row, start = rng.randrange(cfg.grid), rng.randrange(cfg.grid - len(text) + 1)
+        for k, ch in enumerate(text):
+            cells[row * cfg.grid + start + k] = glyph_class(ch)
+    pool = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS))
+            if (s, c) not in required and allowed(s, c)]
+    total = max(len(required), rng.randint(cfg.min_objects, cfg.max_objects))
+    objects = list(required) + rng.sample(pool, min(len(pool), total - len(required)))
+    free = [i for i in range(cfg.n_cells) if cells[i] == 0]
+    for (s, c), i in zip(objects, rng.sample(free, len(objects))):
+        cells[i] = object_class(s, c)
+    return cells
+
+
+def _random_word(rng: random.Random, cfg: DataConfig) -> str:
+    n = rng.randint(cfg.text_min_len, cfg.text_max_len)
+    return "".join(rng.choice(GLYPHS) for _ in range(n))
+
+
+def _distinct(rng: random.Random, n_items: int, k: int) -> list[int]:
+    return rng.sample(range(n_items), k)
+
+
+def _gen_exist(rng, cfg):
+    s, c = rng.randrange(len(SHAPES)), rng.randrange(len(COLORS))
+    yes = rng.random() < 0.5
+    required = [(s, c)] if yes else []
+    # POPE-style adversarial distractors, the same for both answers: the shape in another colour
+    # and the colour on another shape, so that only binding colour to shape answers the question.
+    if rng.random() < 0.5:
+        required.append((s, rng.choice([x for x in range(len(COLORS)) if x != c])))
+    if rng.random() < 0.5:
+        required.append((rng.choice([x for x in range(len(SHAPES)) if x != s]), c))
+    cells = _scene(rng, cfg, required, allowed=lambda s2, c2: (s2, c2) != (s, c))
+    return cells, f"Is there a {COLOR_NAMES[c]} {SHAPES[s]}?", "yes" if yes else "no"
+
+
+def _gen_count(rng, cfg):
+    n = rng.randint(0, cfg.max_count)
+    if rng.random() < 0.5:  # count a shape, in distinct colours
+        s = rng.randrange(len(SHAPES))
+        required = [(s, c) for c in _distinct(rng, len(COLORS), n)]
+        cells = _scene(rng, cfg, required, allowed=lambda s2, c2: s2 != s)
+        return cells, f"How many {PLURALS[s]} are there?", str(n)
+    c = rng.randrange(len(COLORS))  # count a colour, on distinct shapes
+    required = [(s, c) for s in _distinct(rng, len(SHAPES), n)]
+    cells = _scene(rng, cfg, required, allowed=lambda s2, c2: c2 != c)
+    return cells, f"How many {COLOR_NAMES[c]} objects are there?", str(n)
+
+
+def _gen_color(rng, cfg):
+    s, c = rng.randrange(len(SHAPES)), rng.randrange(len(COLORS))  # the only object of shape s
+    cells = _scene(rng, cfg, [(s, c)], allowed=lambda s2, c2: s2 != s)
+    return cells, f"What color is the {SHAPES[s]}?", COLOR_NAMES[c]
+
+
+def _gen_shape(rng, cfg):
+    s, c = rng.randrange(len(SHAPES)), rng.randrange(len(COLORS))  # the only object of colour c
+    cells = _scene(rng, cfg, [(s, c)], allowed=lambda s2, c2: c2 != c)
+    return cells, f"What shape is the {COLOR_NAMES[c]} object?", SHAPES[s]
+
+
+def _gen_position(rng, cfg):
+    rel = rng.randrange(len(RELATIONS))
+    yes = rng.random() < 0.5
+    a, b = rng.sample([(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS))], 2)
+    while True:  # redraw until the compared coordinate differs, so the relation is well defined
+        cells = _scene(rng, cfg, [a, b])
+        (ra, ca), (rb, cb) = (divmod(cells.index(object_class(*o)), cfg.grid) for o in (a, b))
+        ka, kb = (ca, cb) if rel < 2 else (ra, rb)
+        if ka != kb:
+            break
+    truth = ka < kb if rel in (0, 2) else ka > kb  # left of / above: smaller column / row
+    if truth != yes:  # swapping the two objects' roles flips a strict relation
+        a, b = b, a
+    q = (f"Is the {COLOR_NAMES[a[1]]} {SHAPES[a[0]]} {RELATIONS[rel]} "
+         f"the {COLOR_NAMES[b[1]]} {SHAPES[b[0]]}?")
+    return cells, q, "yes" if yes else "no"
+
+
+def _gen_text(rng, cfg):
+    word = _random_word(rng, cfg)
+    return _scene(rng, cfg, [], text=word), "What does the text say?", word
+
+
+def _gen_reason(rng, cfg):
+    n_more, n_less = sorted(rng.sample(range(cfg.max_count + 1), 2), reverse=True)
+    yes = rng.random() < 0.5
+    n1, n2 = (n_more, n_less) if yes else (n_less, n_more)
+    if rng.random() < 0.5:  # compare two shapes
+        s1, s2 = _distinct(rng, len(SHAPES), 2)
+        colors = [_distinct(rng, len(COLORS), n) for n in (n1, n2)]
+        required = [(s1, c) for c in colors[0]] + [(s2, c) for c in colors[1]]
+        cells = _scene(rng, cfg, required, allowed=lambda s, c: s not in (s1, s2))
+        q = f"Are there more {PLURALS[s1]} than {PLURALS[s2]}?"
+    else:  # compare two colours
+        c1, c2 = _distinct(rng, len(COLORS), 2)
+        shapes = [_distinct(rng, len(SHAPES), n) for n in (n1, n2)]
+        required = [(s, c1) for s in shapes[0]] + [(s, c2) for s in shapes[1]]
+        cells = _scene(rng, cfg, required, allowed=lambda s, c: c not in (c1, c2))
+        q = f"Are there more {COLOR_NAMES[c1]} objects than {COLOR_NAMES[c2]} objects?"
+    return cells, q, "yes" if yes else "no"
+
+
+GENERATORS = {"exist": _gen_exist, "count": _gen_count, "color": _gen_color, "shape": _gen_shape,
+              "position": _gen_position, "text": _gen_text, "reason": _gen_reason}
+
+
+def make_sample(rng: random.Random, cfg: DataConfig, category: str | None = None) -> Sample:
+    """Draw one sample of `category` (random among cfg.categories when None) in memory."""
+    category = category or rng.choice(cfg.categories)
+    cells, question, answer = GENERATORS[category](rng, cfg)
+    return Sample(image_to_tensor(draw_scene(cells, cfg)), question, answer, category, cells)
+
+
+def sample_rng(split: str, seed: int, index: int) -> random.Random:
+    """The generator of sample `index`: a pure function of (split, seed, index), so train and test
+    never share a stream even with the same seed, and any sample is redrawn without the others."""
+    return random.Random(f"{split}/{seed}/{index}")  # str seeds are hashed with SHA-512: stable
+
+
+def sample_at(cfg: DataConfig, split: str, seed: int, index: int) -> Sample:
+    """Sample `index` of a synthetic split: categories go round-robin, so splits are balanced."""
+    category = cfg.categories[index % len(cfg.categories)]
+    sample = make_sample(sample_rng(split, seed, index), cfg, category)
+    sample.source = f"{split}/{seed}/{index}"
+    return sample
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Samples drawn on the fly (about a millisecond each): training needs no disk I/O. Item i is
+    always the same sample, so a run resumes by index and DataLoader workers need no seeding."""
+
+    def __init__(self, cfg: DataConfig | None = None, split: str = "train", seed: int = 0,
+                 length: int = 10**9):
+        self.cfg, self.split, self.seed, self.length = cfg or DataConfig(), split, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return sample_at(self.cfg, self.split, self.seed, index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and loading LLaVA-style JSONL
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with "file:line:"."""
+
+
+def write_dataset(out: str | Path, n: int, seed: int = 0, split: str = "train",
+                  cfg: DataConfig | None = None, progress: bool = True) -> Path:
+    """Write samples 0..n-1 of (split, seed) as out/data.jsonl plus out/images/*.png."""
+    cfg = cfg or DataConfig()
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(n - 1)))
+    path = out / "data.jsonl"
+    with open(path, "w") as f:
+        for i in tqdm(range(n), desc=f"writing {path}", disable=not progress):
+            s = sample_at(cfg, split, seed, i)
+            name = f"images/{i:0{width}d}.png"
+            Image.fromarray(s.image.permute(1, 2, 0).numpy()).save(out / name)
+            record = {"id": s.source, "image": name, "category": s.category, "cells": s.cells,
+                      "conversations": [{"from": "human", "value": "<image>\n" + s.question},
+                                        {"from": "gpt", "value": s.answer}]}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def _question_text(value: str) -> str:
+    """Human turn -> question: drop the "<image>" placeholder (the template puts the image first)."""
+    if value.startswith("<image>\n"):
+        return value[len("<image>\n"):]
+    return value.replace("<image>", "").strip()
+
+
+def load_jsonl(path: str | Path, image_size: int = 128, image_root: str | Path | None = None,
+               n_cells: int = IMAGE_TOKENS) -> list[Sample]:
+    """Read a LLaVA-style JSONL file (ours or a user's). Images are read with pillow, converted to
+    RGB and resized (bicubic, aspect ratio not kept) to image_size; relative image paths are taken
+    from image_root, by default the JSONL's folder. The first human turn is the question, the first
+    gpt turn after it the answer; further turns are ignored. `category` defaults to "custom",
+    `cells` to None. Bad records raise DataError naming the file and line."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    samples = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason})") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            turns = rec.get("conversations")
+            if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+                raise DataError(f"{where}: 'conversations' must be a list of "
+                                f"{{\"from\": ..., \"value\": ...}} objects")
+            roles = [str(t.get("from", "")).lower() for t in turns]
+            q = next((k for k, r in enumerate(roles) if r in ("human", "user")), None)
+            if q is None:
+                raise DataError(f"{where}: conversation has no question (no 'human' turn)")
+            a = next((k for k in range(q + 1, len(turns)) if roles[k] in ("gpt", "assistant")), None)
+            if a is None or not str(turns[a].get("value", "")).strip():
+                raise DataError(f"{where}: conversation without an answer (no 'gpt' turn after "
+                                f"the question)")
+            image = _load_image(rec.get("image"), root, image_size, where)
+            cells = rec.get("cells")
+            if cells is not None and not _valid_cells(cells, n_cells):
+                raise DataError(f"{where}: 'cells' must be a list of {n_cells} ints in "
+                                f"[0, {NUM_CELL_CLASSES}) or {IGNORE_INDEX}")
+            samples.append(Sample(image, _question_text(str(turns[q].get("value", ""))),
+                                  str(turns[a]["value"]).strip(), str(rec.get("category", "custom")),
+                                  cells, where))
+    return samples
+
+
+def _valid_cells(cells, n_cells: int) -> bool:
+    return (isinstance(cells, list) and len(cells) == n_cells and
+            all(type(x) is int and (0 <= x < NUM_CELL_CLASSES or x == IGNORE_INDEX) for x in cells))
+
+
+def _load_image(name, root: Path, image_size: int, where: str) -> torch.Tensor:
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: record has no 'image' path")
+    file = root / name
+    if not file.is_file():
+        raise DataError(f"{where}: image file not found: {file}")
+    try:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise DataError(f"{where}: cannot read image {file}: {e}") from None
+    if im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.BICUBIC)
+    return image_to_tensor(im)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+SPECIALS = ("<pad>", "<s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
+WORDS = ("yes no is there a an the how many are what color shape object objects does text say "
+         "more than to left right of above below in image user assistant").split()
+_PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s")
+
+
+class Tokenizer:
+    """Word-level tokenizer over the benchmark's closed vocabulary, with a fallback for the rest.
+
+    Text is cut into pieces (a word, a digit or a punctuation mark, each with its leading space,
+    or one whitespace character). A piece in the vocabulary is one token; any other piece is
+    encoded character by character: a known character (a glyph, a digit, "?", " ", "\\n") is one
+    token, anything else its UTF-8 bytes (256 byte tokens). So every string encodes and
+    `decode(encode(s)) == s` always. Special tokens are only ever inserted by the chat template;
+    their spelling inside text is encoded as ordinary text.
+    """
+
+    def __init__(self):
+        words = list(WORDS) + list(SHAPES) + list(PLURALS) + list(COLOR_NAMES)
+        pieces = []
+        for w in words:
+            pieces += [w, " " + w, w.capitalize()]
+        for ch in "0123456789?.,:!'-()":
+            pieces += [ch, " " + ch]
+        pieces += list(GLYPHS) + [" ", "\n"]
+        pieces = list(dict.fromkeys(pieces))  # dedupe, keep order
+        self.specials = list(SPECIALS)
+        self.n_bytes = 256
+        self.vocab = self.specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
+        self.piece_to_id = {p: len(self.specials) + 256 + k for k, p in enumerate(pieces)}
+        self.id_to_piece = {i: p for p, i in self.piece_to_id.items()}
+        sid = {s: k for k, s in enumerate(self.specials)}
+        self.pad_id, self.bos_id = sid["<pad>"], sid["<s>"]
+        self.im_start_id, self.im_end_id = sid["<|im_start|>"], sid["<|im_end|>"]
+        self.img_start_id, self.img_end_id = sid["<img>"], sid["</img>"]
+        self.img_context_id = sid["<IMG_CONTEXT>"]
+        self.eos_id = self.im_end_id  # generation stops here
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for piece in _PIECE.findall(text):
+            if piece in self.piece_to_id:
+                ids.append(self.piece_to_id[piece])
+                continue
+            for ch in piece:
+                if ch in self.piece_to_id:
+                    ids.append(self.piece_to_id[ch])
+                else:
+                    ids += [len(self.specials) + b for b in ch.encode("utf-8")]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        out, buf = [], bytearray()
+        first_byte = len(self.specials)
+        for i in ids:
+            i = int(i)
+            if first_byte <= i < first_byte + 256:
+                buf.append(i - first_byte)
+                continue
+            if buf:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+            if i < first_byte:
+                if not skip_special:
+                    out.append(self.specials[i])
+            elif i in self.id_to_piece:
+                out.append(self.id_to_piece[i])
+            else:
+                raise ValueError(f"token id {i} out of range (vocab_size {self.vocab_size})")
+        if buf:
+            out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+TOKENIZER = Tokenizer()
+VOCAB_SIZE = TOKENIZER.vocab_size
+PAD_ID = TOKENIZER.pad_id
+IMG_CONTEXT_ID = TOKENIZER.img_context_id
+IM_END_ID = TOKENIZER.im_end_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat template and batching
+
+
+def prompt_ids(question: str, tok: Tokenizer = TOKENIZER, n_image_tokens: int = IMAGE_TOKENS
+               ) -> list[int]:
+    """<s><|im_start|>user\\n<img><IMG_CONTEXT>*n</img>\\n{question}<|im_end|><|im_start|>assistant\\n"""
+    return ([tok.bos_id, tok.im_start_id] + tok.encode("user\n") + [tok.img_start_id]
+            + [tok.img_context_id] * n_image_tokens + [tok.img_end_id] + tok.encode("\n" + question)
+            + [tok.im_end_id, tok.im_start_id] + tok.encode("assistant\n"))
+
+
+def example_ids(question: str, answer: str, tok: Tokenizer = TOKENIZER,
+                n_image_tokens: int = IMAGE_TOKENS) -> tuple[list[int], list[bool]]:
+    """Prompt + answer + <|im_end|>, and a mask that is True on the answer tokens and <|im_end|>."""
+    prompt = prompt_ids(question, tok, n_image_tokens)
+    answer_ids = tok.encode(answer) + [tok.im_end_id]
+    return prompt + answer_ids, [False] * len(prompt) + [True] * len(answer_ids)
+
+
+def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
+            n_image_tokens: int = IMAGE_TOKENS) -> dict:
+    """Batch for teacher forcing, right-padded with pad_id (usable as a DataLoader collate_fn):
+    input_ids (b, T) long, attention_mask (b, T) bool, answer_mask (b, T) bool (True on the answer
+    tokens and the closing <|im_end|>), labels (b, T) long (= input_ids on the answer, -100 elsewhere;
+    NOT shifted: logits[:, t] predicts labels[:, t + 1]), pixel_values (b, 3, S, S) float in [-1, 1],
+    cells (b, n_cells) long (-100 where unknown), category (list of str)."""
+    encoded = [example_ids(s.question, s.answer, tok, n_image_tokens) for s in samples]
+    T = max(len(ids) for ids, _ in encoded)
+    b = len(samples)
+    input_ids = torch.full((b, T), tok.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(b, T, dtype=torch.bool)
+    answer_mask = torch.zeros(b, T, dtype=torch.bool)
+    for k, (ids, mask) in enumerate(encoded):
+        input_ids[k, :len(ids)] = torch.tensor(ids)
+        attention_mask[k, :len(ids)] = True
+        answer_mask[k, :len(ids)] = torch.tensor(mask)
+    n_cells = next((len(s.cells) for s in samples if s.cells is not None), n_image_tokens)
+    cells = torch.full((b, n_cells), IGNORE_INDEX, dtype=torch.long)
+    for k, s in enumerate(samples):
+        if s.cells is not None:
+            cells[k] = torch.tensor(s.cells)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
+            "labels": input_ids.masked_fill(~answer_mask, IGNORE_INDEX),
+            "pixel_values": pixel_values(torch.stack([s.image for s in samples])),
+            "cells": cells, "category": [s.category for s in samples]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match normalisation: lowercase, collapse whitespace, drop a trailing full stop."""
+    return " ".join(text.lower().split()).rstrip(".").strip()
+
+
+GenerateFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+@torch.no_grad()
+def score(generate: GenerateFn, samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
+          batch_size: int = 32, max_new_tokens: int | None = None,
+          n_image_tokens: int = IMAGE_TOKENS, progress: bool = False) -> dict:
+    """Greedy generation + exact match, accuracy per category.
+
+    `generate(input_ids (b, T) long, pixel_values (b, 3, S, S), max_new_tokens, eos_id)` returns
+    the new tokens (b, T_new); each row is cut at its first eos_id. Prompts are batched by equal
+    length, so no padding is ever passed to the model (the synthetic prompts take a handful of
+    lengths). max_new_tokens defaults to the longest reference answer plus one.
+    Returns {"accuracy": {category: acc}, "n": {category: count}, "mean": macro mean over
+    categories, "predictions": [str per sample]}."""
+    if max_new_tokens is None:
+        max_new_tokens = max((len(tok.encode(s.answer)) for s in samples), default=0) + 1
+    prompts = [prompt_ids(s.question, tok, n_image_tokens) for s in samples]
+    by_length = defaultdict(list)
+    for k, p in enumerate(prompts):
+        by_length[len(p)].append(k)
+    batches = [idx[i:i + batch_size] for idx in by_length.values()
+               for i in range(0, len(idx), batch_size)]
+    predictions = [""] * len(samples)
+    for idx in tqdm(batches, desc="scoring", disable=not progress):
+        ids = torch.tensor([prompts[k] for k in idx], dtype=torch.long)
+        pixels = pixel_values(torch.stack([samples[k].image for k in idx]))
+        new = generate(ids, pixels, max_new_tokens, tok.eos_id)
+        for k, row in zip(idx, new.tolist()):
+            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+            predictions[k] = tok.decode(row, skip_special=True)
+    hits, counts = Counter(), Counter()
+    for s, p in zip(samples, predictions):
+        counts[s.category] += 1
+        hits[s.category] += normalize_answer(p) == normalize_answer(s.answer)
+    order = [c for c in CATEGORIES if c in counts] + sorted(set(counts) - set(CATEGORIES))
+    accuracy = {c: hits[c] / counts[c] for c in order}
+    return {"accuracy": accuracy, "n": {c: counts[c] for c in order},
+            "mean": sum(accuracy.values()) / max(1, len(accuracy)), "predictions": predictions}
+
+
+def format_table(result: dict, chance: dict[str, float] | None = None) -> str:
+    """The accuracy table of `score`'s result, with the chance level beside each category."""
+    chance = CHANCE if chance is None else chance
+    lines = [f"{'category':<10} {'n':>6} {'accuracy':>9} {'chance':>8}"]
+    for c, acc in result["accuracy"].items():
+        ch = f"{100 * chance[c]:7.1f}%" if c in chance else f"{'-':>8}"
+        lines.append(f"{c:<10} {result['n'][c]:>6} {100 * acc:8.1f}% {ch}")
+    mean_chance = [chance[c] for c in result["accuracy"] if c in chance]
+    mc = f"{100 * sum(mean_chance) / len(mean_chance):7.1f}%" if mean_chance else f"{'-':>8}"
+    lines.append(f"{'mean':<10} {sum(result['n'].values()):>6} {100 * result['mean']:8.1f}% {mc}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None):
+    p = argparse.ArgumentParser(description="Write (or preview) the synthetic multimodal benchmark "
+                                "as LLaVA-style JSONL with PNG images.")
+    p.add_argument("--out", help="output folder for data.jsonl and images/; without it, print a "
+                   "preview of the benchmark")
+    p.add_argument("--n", type=int, default=1400, help="number of samples (categories round-robin)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="train and test draw from disjoint random streams, even with one seed")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be >= 1")
+    cfg = DataConfig()
+    if args.out:
+        path = write_dataset(args.out, args.n, args.seed, args.split, cfg)
+        print(f"wrote {args.n} samples to {path} ({IMAGE_TOKENS} image tokens per image)")
+        return
+    print(f"{IMAGE_TOKENS} image tokens per image, {NUM_CELL_CLASSES} cell classes, "
+          f"vocabulary {VOCAB_SIZE} tokens\n")
+    for i in range(2 * len(cfg.categories)):
+        s = sample_at(cfg, args.split, args.seed, i)
+        print(f"{s.category:<9} {s.question:<70} -> {s.answer}")
+    print("\nchance levels: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items()))
+
+
+if __name__ == "__main__":
+    main()
