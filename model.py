@@ -89,18 +89,18 @@ class ModelConfig:
     """Everything that fixes the model's shapes. The defaults are the tiny model of this project
     (fits the synthetic benchmark: 128 px images -> 256 patches -> 64 image tokens); `hovle()` is
     the paper's teacher. `vocab_size` and `img_context_id` must match the tokenizer in use."""
-    vocab_size: int = 512
-    hidden_size: int = 256
+    vocab_size: int = 463                     # data.py tokenizer (checked in tests/test_distill.py)
+    hidden_size: int = 192
     intermediate_size: int = 512              # SwiGLU inner width
-    n_heads: int = 8                          # query heads H; head dim P = hidden_size / n_heads
-    n_kv_heads: int = 4                       # key/value heads (GQA): head h uses KV head h // (H/Hkv)
+    n_heads: int = 6                          # query heads H; head dim P = hidden_size / n_heads
+    n_kv_heads: int = 2                       # key/value heads (GQA): head h uses KV head h // (H/Hkv)
     layers: list = field(default_factory=lambda: ["attn"] * 8)   # per layer "attn" or "mamba2"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     image_size: int = 128                     # square images, pixels
     patch_size: int = 8
     pixel_shuffle_ratio: float = 0.5          # 0.5: every 2x2 patch group becomes one token
-    img_context_id: int = 3                   # token id of <IMG_CONTEXT>
+    img_context_id: int = 6                   # token id of <IMG_CONTEXT> in data.py's tokenizer
     conv_width: int = 2                       # Mamba-2 causal depthwise conv width
     ssd_chunk_size: int = 64
     ssd_impl: str = "auto"                    # "auto", "chunked", "naive" or "triton" (see ssd.py)

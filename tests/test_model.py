@@ -57,7 +57,7 @@ def prompt(cfg, b=2, before=3, after=5, seed=0):
 
 def test_default_config_and_presets():
     cfg = ModelConfig()
-    assert (cfg.hidden_size, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (256, 8, 8, 4, 32)
+    assert (cfg.hidden_size, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (192, 8, 6, 2, 32)
     assert cfg.grid == 16 and cfg.image_tokens == 64 and cfg.conv_width == 2
     h = ModelConfig.hovle()
     assert (h.hidden_size, h.n_layers, h.n_heads, h.n_kv_heads, h.head_dim) == (2048, 32, 16, 8, 128)
