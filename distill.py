@@ -300,7 +300,9 @@ def load_checkpoint(path: str) -> dict:
 # Building each stage's models
 
 def load_teacher(path: str) -> Model:
-    teacher = Model.from_pretrained(path).float().eval()
+    """Our own folder, or a HoVLE / InternLM2 / Llama one imported on the fly (convert.load_model)."""
+    from convert import load_model
+    teacher = load_model(path).float().eval()
     teacher.requires_grad_(False)
     return teacher
 
