@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from convert import load_model
 from model import Mamba2Mixer, Model, ModelConfig, PLACEMENTS, make_layers, _atomic_write
 from seed import MODES, convert, mixer_fidelity
 
@@ -301,7 +302,6 @@ def load_checkpoint(path: str) -> dict:
 
 def load_teacher(path: str) -> Model:
     """Our own folder, or a HoVLE / InternLM2 / Llama one imported on the fly (convert.load_model)."""
-    from convert import load_model
     teacher = load_model(path).float().eval()
     teacher.requires_grad_(False)
     return teacher
@@ -352,6 +352,9 @@ def train_stage(cfg: DistillConfig, teacher: Model | None = None, student: Model
         student = initial_student(cfg, teacher)
     trainable = set_trainable(student, teacher, cfg.stage)
     objective = Objective(cfg.stage, student, teacher, cfg)
+    if rank == 0:
+        n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+        print(f"stage {cfg.stage}: {len(trainable)} trainable student tensors, {n_params:,} trainable parameters")
     optimizer = make_optimizer(objective, cfg)
     step = 0
     if cfg.resume and os.path.exists(ckpt_path):
@@ -367,8 +370,11 @@ def train_stage(cfg: DistillConfig, teacher: Model | None = None, student: Model
         wrapped = nn.parallel.DistributedDataParallel(objective)
     dcfg = data.DataConfig()
     log_path = os.path.join(cfg.stage_dir, "log.jsonl")
-    if rank == 0 and step == 0 and os.path.exists(log_path):
-        os.remove(log_path)
+    if rank == 0 and os.path.exists(log_path):        # keep only the steps the checkpoint holds
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
     last_good, t0, losses = step, time.time(), []
     bar = tqdm(range(step, cfg.steps), desc=f"stage {cfg.stage}", initial=step, total=cfg.steps,
                disable=rank != 0, dynamic_ncols=True)

@@ -120,14 +120,16 @@ def ssd_naive(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
 # ----------------------------------------------------------------------------------------------
 # The block decomposition (Mamba-2 paper, Sec. 6; mmMamba Sec. 3.1).
 
-def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
+def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64, block_chunks=16):
     """SSD in chunks of Q tokens: 1 intra-chunk (dual form), 2 chunk states, 3 state passing,
-    4 state to output. Cumulative sums are taken inside each chunk, never across the sequence."""
+    4 state to output. Cumulative sums are taken inside each chunk, never across the sequence.
+    Chunks are processed `block_chunks` at a time with the state carried between blocks, so the
+    (Q x Q) temporaries stay bounded: without autograd, memory beyond y is O(block), not O(L)."""
     b, L, H, P, G, N = _check_inputs(x, dt, A, B, C, D, initial_state)
     ct = _compute_dtype(x, dt, A, B, C, D, initial_state)
     Q, R = int(chunk_size), H // G
-    if Q < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if Q < 1 or block_chunks < 1:
+        raise ValueError(f"chunk_size and block_chunks must be >= 1, got {chunk_size}, {block_chunks}")
     pad = (-L) % Q                                   # padded tokens have dt = 0: no decay, no input
     c = (L + pad) // Q                               # number of chunks
 
@@ -141,14 +143,33 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     dtq = chunks(dt, G, R)                           # (b, c, Q, G, R)
     Bq = chunks(B, G, N)                             # (b, c, Q, G, N)
     Cq = chunks(C, G, N)                             # (b, c, Q, G, N)
-    a = dtq * A.to(ct).reshape(G, R)                 # (b, c, Q, G, R)   log decays
+    Agr = A.to(ct).reshape(G, R)
+    h = (x.new_zeros(b, G, R, P, N, dtype=ct) if initial_state is None
+         else initial_state.to(ct).reshape(b, G, R, P, N))      # (b, G, R, P, N)
+    ys = []
+    for k0 in range(0, c, block_chunks):
+        blk = slice(k0, k0 + block_chunks)
+        y_blk, h = _ssd_chunk_block(xq[:, blk], dtq[:, blk], Agr, Bq[:, blk], Cq[:, blk], h)
+        ys.append(y_blk)
+    y = torch.cat(ys, dim=1) if ys else xq           # (b, c, Q, G, R, P)
+    y = y.reshape(b, c * Q, H, P)[:, :L]             # (b, L, H, P)
+    if D is not None:
+        y = y + D.to(ct)[:, None] * x.to(ct)
+    return y.to(x.dtype), h.reshape(b, H, P, N)
+
+
+def _ssd_chunk_block(xq, dtq, Agr, Bq, Cq, h):
+    """Steps 1-4 on a block of c chunks, entering with state h (b, G, R, P, N); returns the
+    block's output (b, c, Q, G, R, P) and the state after it."""
+    Q = xq.shape[2]
+    a = dtq * Agr                                    # (b, c, Q, G, R)   log decays
     cs = torch.cumsum(a, dim=2)                      # (b, c, Q, G, R)   inside each chunk
     cs_last = cs[:, :, -1]                           # (b, c, G, R)
     dtx = dtq[..., None] * xq                        # (b, c, Q, G, R, P)
 
     # 1. intra-chunk: Y_diag[i] = sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
     seg = cs[:, :, :, None] - cs[:, :, None]         # (b, c, Qi, Qj, G, R)
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=xq.device).tril()
     decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))  # (b,c,Qi,Qj,G,R)
     CB = torch.einsum("bcign,bcjgn->bcijg", Cq, Bq)  # (b, c, Qi, Qj, G)
     y = torch.einsum("bcijgr,bcjgrp->bcigrp", CB[..., None] * decay, dtx)  # (b, c, Q, G, R, P)
@@ -158,22 +179,16 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     S = torch.einsum("bcjgr,bcjgrp,bcjgn->bcgrpn", w, dtx, Bq)  # (b, c, G, R, P, N)
 
     # 3. state passing, sequential over chunks: H_{c+1} = exp(cs_last_c) H_c + S_c
-    h = (x.new_zeros(b, G, R, P, N, dtype=ct) if initial_state is None
-         else initial_state.to(ct).reshape(b, G, R, P, N))      # (b, G, R, P, N)
     chunk_decay = torch.exp(cs_last)                 # (b, c, G, R)
     states = []
-    for k in range(c):
+    for k in range(xq.shape[1]):
         states.append(h)                             # state entering chunk k
         h = chunk_decay[:, k, ..., None, None] * h + S[:, k]
-    H_in = torch.stack(states, dim=1) if c else S    # (b, c, G, R, P, N)
+    H_in = torch.stack(states, dim=1)                # (b, c, G, R, P, N)
 
     # 4. state to output: Y_off[i] = exp(cs_i) (H_c @ C_i)
     y = y + torch.exp(cs)[..., None] * torch.einsum("bcign,bcgrpn->bcigrp", Cq, H_in)
-
-    y = y.reshape(b, c * Q, H, P)[:, :L]             # (b, L, H, P)
-    if D is not None:
-        y = y + D.to(ct)[:, None] * x.to(ct)
-    return y.to(x.dtype), h.reshape(b, H, P, N)
+    return y, h
 
 
 # ----------------------------------------------------------------------------------------------

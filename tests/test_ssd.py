@@ -309,3 +309,12 @@ def test_triton_bad_input_is_checked():
     a["A"] = -a["A"]
     with pytest.raises(ValueError, match="A must be <= 0"):
         ssd_triton(**a)
+
+
+@pytest.mark.parametrize("block_chunks", [1, 3, 100])
+def test_chunked_blocks_of_chunks_match_oracle(block_chunks):
+    """Processing the chunks a block at a time (bounded memory) changes nothing."""
+    args = inputs(L=61, G=2)
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_chunked(*args, chunk_size=8, block_chunks=block_chunks)
+    assert rel(y, y_ref) <= 1e-10 and rel(h, h_ref) <= 1e-10
