@@ -771,6 +771,9 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                    # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
