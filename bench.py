@@ -801,6 +801,14 @@ def make_plots(res: dict, out: str) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     files = []
+
+    def save(fig, name, title=None):
+        fig.suptitle(title or tag, fontsize=9)
+        fig.tight_layout()
+        files.append(os.path.join(out, name))
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+
     colors = {"teacher": "tab:red", "linear": "tab:blue", "hybrid": "tab:green"}
     m = res["machine"]
     where = m.get("gpu") or f"{m.get('cpus_usable', m['cpu_count'])} CPU cores"
@@ -835,12 +843,7 @@ def make_plots(res: dict, out: str) -> list:
             _length_axis(a, Ls)
             a.grid(True, which="both", alpha=0.3)
             a.legend(fontsize=8)
-        fig.suptitle(tag, fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out, "model_time.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        save(fig, "model_time.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for lay in LAYOUTS:
@@ -855,12 +858,7 @@ def make_plots(res: dict, out: str) -> list:
         _length_axis(ax, Ls)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.suptitle(tag, fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out, "model_memory.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        save(fig, "model_memory.png")
 
     kern = res.get("kernel")
     if kern and kern["results"]:
@@ -882,12 +880,7 @@ def make_plots(res: dict, out: str) -> list:
             ax[i].grid(True, which="both", alpha=0.3)
             ax[i].legend(fontsize=8)
         s = kern["shape"]
-        fig.suptitle(f"SSD vs references, H={s['H']} P=N={s['P']}; {tag}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out, "kernel.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        save(fig, "kernel.png", f"SSD vs references, H={s['H']} P=N={s['P']}; {tag}")
     return files
 
 

@@ -87,7 +87,7 @@ import os
 
 import torch
 
-from model import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, Model, ModelConfig, _atomic_write, check_state_dict
+from model import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, Model, ModelConfig, _atomic_write, check_state_dict, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 HOVLE_ARCHS = ("InternVLChatModel",)            # plus any name starting with "HoVLE"
@@ -125,19 +125,6 @@ def fuse_wqkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, n_heads: int
 # ----------------------------------------------------------------------------------------------
 # Reading a folder
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 class _Tensors:
     """The tensors of a folder: model.safetensors, or the shards that model.safetensors.index.json
     lists. `get` checks presence and shape (before reading) and records the key as used."""
@@ -148,7 +135,7 @@ class _Tensors:
         self.used = set()
         index, single = os.path.join(directory, INDEX_NAME), os.path.join(directory, WEIGHTS_NAME)
         if os.path.isfile(index):
-            d = _read_json(index)
+            d = read_json(index)
             wm = d.get("weight_map")
             if not isinstance(wm, dict) or not wm:
                 raise CheckpointError(f"{index}: missing key 'weight_map' (a non-empty object key -> shard file)")
@@ -275,7 +262,7 @@ def _architecture(d: dict, path: str):
 def detect_format(directory: str) -> str:
     """"native" (a ModelConfig config.json), "hovle", "internlm2" or "llama", from config.json."""
     path = os.path.join(directory, CONFIG_NAME)
-    d = _read_json(path)
+    d = read_json(path)
     arch = _architecture(d, path)
     supported = ", ".join(HOVLE_ARCHS + ("HoVLE*",) + INTERNLM2_ARCHS + LLAMA_ARCHS)
     if arch is None:
@@ -410,7 +397,7 @@ def load_hovle(directory: str, dtype: torch.dtype | None = None, device="cpu",
                img_context_id: int | None = None) -> Model:
     """A HoVLE folder as a Model: the 8 embedding layers then the 24 LLM layers, all attention."""
     path = os.path.join(directory, CONFIG_NAME)
-    d = _read_json(path)
+    d = read_json(path)
     cfg = hovle_config(d, path, img_context_id)
     n_embed = d["embedding_config"]["num_hidden_layers"]
     t = _Tensors(directory)
@@ -463,7 +450,7 @@ def load_internlm2(directory: str, dtype: torch.dtype | None = None, device="cpu
                    img_context_id: int | None = None) -> Model:
     """An InternLM2ForCausalLM folder as a text-only Model (zero vision stem; see the docstring)."""
     path = os.path.join(directory, CONFIG_NAME)
-    c = _Conf(_read_json(path), path)
+    c = _Conf(read_json(path), path)
     c.require("tie_word_embeddings", (False,), False, "InternLM2 stores its LM head as output.weight")
     cfg = _text_config(c, path, "bias", img_context_id)
     t = _Tensors(directory)
@@ -483,7 +470,7 @@ def load_llama(directory: str, dtype: torch.dtype | None = None, device="cpu",
                img_context_id: int | None = None) -> Model:
     """A LlamaForCausalLM folder as a text-only Model (zero vision stem; see the docstring)."""
     path = os.path.join(directory, CONFIG_NAME)
-    c = _Conf(_read_json(path), path)
+    c = _Conf(read_json(path), path)
     cfg = _text_config(c, path, "attention_bias", img_context_id)
     t = _Tensors(directory)
     D, H, Hkv, P, I, V = (cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size,

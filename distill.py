@@ -296,6 +296,13 @@ def save_checkpoint(path: str, model: Model, objective: Objective, optimizer, st
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def write_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    _atomic_write(path, write)
+
+
 def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -334,10 +341,7 @@ def initial_student(cfg: DistillConfig, teacher: Model | None) -> Model:
         for i, kind in enumerate(layers):
             if kind == "attn" and student.cfg.layers[i] != "attn":
                 student.layers[i] = copy.deepcopy(teacher.layers[i])     # frozen in stage 3
-        student.cfg = student.cfg.replace(layers=[b.kind for b in student.layers])
-        for m in student.modules():
-            if hasattr(m, "cfg"):
-                m.cfg = student.cfg
+        student.set_config(student.cfg.replace(layers=[b.kind for b in student.layers]))
     return student
 
 
@@ -406,13 +410,14 @@ def train_stage(cfg: DistillConfig, teacher: Model | None = None, student: Model
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4g}", lr=f"{wsd_lr(s, cfg):.2e}")
         done = s + 1
+        saving = done % cfg.save_every == 0 or done == cfg.steps
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": done, "loss": value, "lr": wsd_lr(s, cfg),
                                     "time": round(time.time() - t0, 3)}) + "\n")
-            if done % cfg.save_every == 0 or done == cfg.steps:
+            if saving:
                 save_checkpoint(ckpt_path, student, objective, optimizer, done)
-        last_good = done if (done % cfg.save_every == 0 or done == cfg.steps) else last_good
+        last_good = done if saving else last_good
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
@@ -455,7 +460,7 @@ def teacher_accuracy(cfg: DistillConfig, teacher: Model) -> dict:
     result = evaluate(teacher, cfg.eval_per_category)
     result.pop("predictions")
     os.makedirs(cfg.out, exist_ok=True)
-    _atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps({"key": key, "result": result}, indent=1)))
+    write_json(path, {"key": key, "result": result})
     return result
 
 
@@ -525,8 +530,7 @@ def run_stage(cfg: DistillConfig) -> dict:
         line += f", accuracy {100 * result['mean']:.1f}%"
     print(accuracy_table(tables))
     print(line)
-    _atomic_write(os.path.join(cfg.stage_dir, "summary.json"),
-                  lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
+    write_json(os.path.join(cfg.stage_dir, "summary.json"), summary)
     return summary
 
 

@@ -223,13 +223,7 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str) -> "ModelConfig":
         """Read a config.json; every failure is an error that names the file."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a valid JSON config ({e})") from e
+        d = read_json(path)
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:
@@ -594,6 +588,12 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
+    def set_config(self, cfg: ModelConfig) -> None:
+        """Point the model and every submodule at `cfg` (they share one config object)."""
+        for m in self.modules():
+            if hasattr(m, "cfg"):
+                m.cfg = cfg
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
         """Projections and embeddings normal(0, init_std), biases 0, norms 1, the patch conv
@@ -762,6 +762,20 @@ def check_state_dict(model: nn.Module, state: dict, source: str = "state dict") 
             if items:
                 lines.append(f"  {name} ({len(items)}): " + ", ".join(items))
         raise CheckpointError("\n".join(lines))
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from `path`; a missing file, bad JSON or a non-object names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _atomic_write(path: str, write) -> None:

@@ -99,7 +99,6 @@ def convert(teacher: Model, layers: list, mode: str = "inherit+mimic",
         raise ValueError(f"layers has {len(layers)} entries, the teacher has {teacher.cfg.n_layers} layers")
     cfg = teacher.cfg.replace(layers=layers)            # validates the kinds
     student = copy.deepcopy(teacher)
-    student.cfg = cfg
     for i, (old, new) in enumerate(zip(teacher.cfg.layers, layers)):
         if old == new:
             continue
@@ -108,9 +107,7 @@ def convert(teacher: Model, layers: list, mode: str = "inherit+mimic",
         block = student.layers[i]
         block.mixer = seed_mixer(teacher.layers[i].mixer, cfg, mode, generator)
         block.kind = new
-    for m in student.modules():                          # modules share the config object
-        if hasattr(m, "cfg"):
-            m.cfg = cfg
+    student.set_config(cfg)
     return student
 
 

@@ -418,7 +418,7 @@ def test_load_errors_name_file_and_keys(tmp_path):
 
     # broken files
     cfg_path.write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json: not a valid JSON config"):
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         Model.from_pretrained(d)
     cfg_path.write_text(json.dumps(dict(good, n_heads=5)))
     with pytest.raises(CheckpointError, match="config.json: invalid model config"):
