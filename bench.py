@@ -35,7 +35,9 @@ Run:  python bench.py                      # tiny preset on the CPU, L = 1K .. 3
       python bench.py --preset hovle --max-len 131072 --skip-kernel
 Output (--out, default bench_results/<preset>_<device>): bench.json (every figure, machine, torch
 version, commit), table.txt (the printed tables), model_time.png, model_memory.png, kernel.png.
-The last printed line summarises the ratios at the longest length.
+While it runs, bench.partial.json holds every point measured so far (removed once bench.json is
+written), so a run that is killed keeps its numbers. The last printed line summarises the ratios
+at the longest length.
 """
 from __future__ import annotations
 
@@ -468,10 +470,11 @@ def copy_bandwidth(device, nbytes: int) -> float:
     return 2 * nbytes / t
 
 
-def bench_kernels(c: BenchConfig, progress) -> dict:
+def bench_kernels(c: BenchConfig, progress, on_row=None) -> dict:
     """Forward and forward + backward time of every available kernel across L: a warm-up call
     (at the first length on the CPU, which has no JIT; at every length on CUDA), then up to
-    max(repeats, 5) synchronised calls within point_budget_s, median."""
+    max(repeats, 5) synchronised calls within point_budget_s, median. `on_row(rows)` is called
+    after every timing (the driver saves partial results with it)."""
     device, dtype = torch.device(c.device), DTYPES[c.dtype]
     mc = model_config(c.preset, "linear")
     H, P = mc.n_heads, mc.head_dim
@@ -543,6 +546,8 @@ def bench_kernels(c: BenchConfig, progress) -> dict:
                         torch.cuda.empty_cache()
                 rows.append(row)
                 progress.update(1)
+                if on_row is not None:
+                    on_row(rows)
         del t
     return {"shape": {"b": 1, "H": H, "P": P, "N": N, "G": H, "chunk_size": mc.ssd_chunk_size,
                       "dtype": c.dtype, "dt_A_dtype": "float32"},
@@ -990,6 +995,15 @@ def _run(c: BenchConfig) -> dict:
               f"the CPU timings", flush=True)
     bar = tqdm(total=len(specs) + n_kernel, desc="bench", unit="pt", file=sys.stderr, dynamic_ncols=True)
     points, dead = [], {}
+    partial_path = os.path.join(c.out, "bench.partial.json")
+
+    def save_partial(kernel_rows=None):
+        """Everything measured so far, after every point: a run that is killed keeps its numbers."""
+        part = {**res, "partial": True, "model_points": points, "kernel_results": kernel_rows or []}
+        with open(partial_path + ".tmp", "w") as f:
+            json.dump(part, f, indent=1)
+        os.replace(partial_path + ".tmp", partial_path)
+
     for spec in specs:              # model points first: each in a fresh process, GPU still empty
         bar.set_postfix_str(f"{spec['layout']} {'table2' if spec['kind'] == 'table2' else 'L=%d' % spec['L']}")
         key = (spec["kind"], spec["layout"])
@@ -1004,12 +1018,13 @@ def _run(c: BenchConfig) -> dict:
                 tqdm.write(f"  {spec['layout']} L={spec['L']}: {r['status']} ({r.get('error', '')[:120]})")
         points.append({"kind": spec["kind"], "layout": spec["layout"], "L": spec["L"], **r})
         bar.update(1)
+        save_partial()
     metric = memory_metric(c.device)
     if specs:
         res["model"] = {"memory_metric": metric, "points": points,
                         "ratios": compute_ratios(points, metric), "checks": compute_checks(points, metric)}
     if not c.skip_kernel:
-        res["kernel"] = bench_kernels(c, bar)
+        res["kernel"] = bench_kernels(c, bar, on_row=save_partial)
     bar.close()
     res["elapsed_s"] = time.time() - started
     res["load_avg_end"] = _loadavg()
@@ -1019,6 +1034,8 @@ def _run(c: BenchConfig) -> dict:
     with open(os.path.join(c.out, "bench.json.tmp"), "w") as f:
         json.dump(res, f, indent=1)
     os.replace(os.path.join(c.out, "bench.json.tmp"), os.path.join(c.out, "bench.json"))
+    if os.path.exists(partial_path):
+        os.remove(partial_path)                 # complete: bench.json holds everything
     m = res["machine"]
     lines += ["", f"machine: {m.get('gpu') or m.get('cpu_model') or m['processor'] or m['machine']}, "
               f"{m.get('cpus_usable', m['cpu_count'])} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}, "

@@ -191,3 +191,27 @@ def test_hovle_preset_on_gpu(tmp_path):
     assert res["model"]["memory_metric"] == "peak_mib"
     assert "ssd_triton" in res["kernel"]["kernels"]
     assert all(r["status"] == "ok" for r in res["kernel"]["results"])
+
+
+def test_killed_run_keeps_the_points_measured(tmp_path, monkeypatch):
+    """A run interrupted after two model points leaves bench.partial.json with those two points;
+    a complete run removes it (bench.json holds everything)."""
+    real, calls = bench.run_point_safe, []
+
+    def interrupted(spec):
+        if len(calls) == 2:
+            raise KeyboardInterrupt               # stands for a kill at the third point
+        calls.append(spec)
+        return real(spec)
+    monkeypatch.setattr(bench, "run_point_safe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--smoke", "--skip-kernel", "--out", str(tmp_path)])
+    with open(tmp_path / "bench.partial.json") as f:
+        part = json.load(f)
+    assert part["partial"] is True and not (tmp_path / "bench.json").exists()
+    assert [(p["kind"], p["layout"]) for p in part["model_points"]] == \
+        [(s["kind"], s["layout"]) for s in calls]
+    assert all(p["status"] == "ok" for p in part["model_points"])
+    monkeypatch.setattr(bench, "run_point_safe", real)
+    bench.main(["--smoke", "--skip-kernel", "--out", str(tmp_path)])
+    assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.partial.json").exists()
