@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import A_INIT_RANGE, Model, ModelConfig, log_uniform_dt, make_layers, softplus_inverse
+from model import A_INIT_RANGE, Model, ModelConfig, log_uniform_dt, make_layers, softplus_inverse, write_json
 from ssd import ssd_chunked, ssd_naive, ssd_triton, triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -999,10 +999,8 @@ def _run(c: BenchConfig) -> dict:
 
     def save_partial(kernel_rows=None):
         """Everything measured so far, after every point: a run that is killed keeps its numbers."""
-        part = {**res, "partial": True, "model_points": points, "kernel_results": kernel_rows or []}
-        with open(partial_path + ".tmp", "w") as f:
-            json.dump(part, f, indent=1)
-        os.replace(partial_path + ".tmp", partial_path)
+        write_json(partial_path, {**res, "partial": True, "model_points": points,
+                                  "kernel_results": kernel_rows or []})
 
     for spec in specs:              # model points first: each in a fresh process, GPU still empty
         bar.set_postfix_str(f"{spec['layout']} {'table2' if spec['kind'] == 'table2' else 'L=%d' % spec['L']}")
@@ -1031,9 +1029,7 @@ def _run(c: BenchConfig) -> dict:
     res["summary"] = summary_line(res.get("model", {}).get("ratios", []), points, res.get("kernel"), c.new_tokens)
     lines = format_tables(res)
     res["plots"] = [os.path.basename(f) for f in make_plots(res, c.out)]
-    with open(os.path.join(c.out, "bench.json.tmp"), "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(os.path.join(c.out, "bench.json.tmp"), os.path.join(c.out, "bench.json"))
+    write_json(os.path.join(c.out, "bench.json"), res)
     if os.path.exists(partial_path):
         os.remove(partial_path)                 # complete: bench.json holds everything
     m = res["machine"]

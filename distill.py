@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import data
 from convert import load_model
-from model import Mamba2Mixer, Model, ModelConfig, PLACEMENTS, make_layers, _atomic_write
+from model import Mamba2Mixer, Model, ModelConfig, PLACEMENTS, make_layers, _atomic_write, write_json
 from seed import MODES, convert, mixer_fidelity
 
 # Trainable parameters of a converted (Mamba-2) mixer per stage (DESIGN section 6).
@@ -296,13 +296,6 @@ def save_checkpoint(path: str, model: Model, objective: Objective, optimizer, st
              "objective": {k: v for k, v in objective.state_dict().items() if not k.startswith("student.")},
              "optimizer": optimizer.state_dict(), "step": step}
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def write_json(path: str, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    _atomic_write(path, write)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -795,6 +795,14 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def write_json(path: str, obj) -> None:
+    """`obj` as indented JSON at `path`, written atomically (_atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    _atomic_write(path, write)
+
+
 # ----------------------------------------------------------------------------------------------
 # Self-check
 

@@ -1,6 +1,6 @@
 """Stage-0 recipe sweep: the teacher's training loop (distill.py stage 0: answer-token cross-entropy
-+ per-cell auxiliary classifier on the vision stem, AdamW, warmup-stable-decay) stripped to one file
-with knobs, for running many variants at once on a GPU and reading teacher-forced exact-match
++ per-cell auxiliary classifier on the vision stem; distill.py's own optimiser, schedule and answer
+loss) in one file with knobs, for running many variants at once on a GPU and reading teacher-forced exact-match
 accuracy per category every `eval_every` steps (equal to greedy exact match: an answer is right
 when every answer token and the closing <|im_end|> is the argmax).
 
@@ -11,10 +11,11 @@ are listed in experiments/README.md with what they showed).
 Run:  python experiments/teacher_sweep.py NAME key=value ...   # e.g. lr=5e-4 steps=3000 aux=none
       logs go to $OUT/NAME.log (default /tmp); keys and defaults: the dict P below.
 """
-import json, math, os, sys, time
+import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import torch, torch.nn as nn, torch.nn.functional as F
 import data
+from distill import DistillConfig, answer_ce, make_optimizer, wsd_lr
 from model import Model, ModelConfig
 
 name = sys.argv[1]
@@ -136,31 +137,29 @@ class Steps(torch.utils.data.Dataset):
 torch.manual_seed(P["seed"])
 model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID, patch_size=P["patch"], hidden_size=P["hidden"], n_heads=P["heads"])).to(dev)
 D = model.cfg.hidden_size
-n_sh, n_co, n_gl = len(data.SHAPES), len(data.COLORS), len(data.GLYPHS)
 if P["aux"] == "fact":
-    heads = nn.ModuleList([nn.Linear(D, n_sh + 1, bias=False), nn.Linear(D, n_co + 1, bias=False),
-                           nn.Linear(D, n_gl + 1, bias=False)]).to(dev)
+    heads = nn.ModuleList([nn.Linear(D, n + 1, bias=False)
+                           for n in (len(data.SHAPES), len(data.COLORS), len(data.GLYPHS))]).to(dev)
 else:
     heads = nn.ModuleList([nn.Linear(D, data.NUM_CELL_CLASSES, bias=False)]).to(dev)
-# factorised targets from the cell class
-cls_shape = torch.zeros(data.NUM_CELL_CLASSES, dtype=torch.long); cls_color = cls_shape.clone(); cls_glyph = cls_shape.clone()
-for c in range(data.NUM_CELL_CLASSES):
+# factorised targets of each cell class: shape (0 = none), colour (0 = none), glyph (0 = none)
+fact = torch.zeros(3, data.NUM_CELL_CLASSES, dtype=torch.long)
+for c in range(1, data.NUM_CELL_CLASSES):
     d = data.describe_cell(c)
-    if c == 0: continue
-    if 1 <= c <= data.N_OBJECT_CLASSES:
-        s, co = divmod(c - 1, n_co); cls_shape[c] = s + 1; cls_color[c] = co + 1
+    if d[0] == "object":
+        fact[0, c], fact[1, c] = data.SHAPES.index(d[1]) + 1, data.COLOR_NAMES.index(d[2]) + 1
     else:
-        cls_glyph[c] = c - data.N_OBJECT_CLASSES
-say("describe check", data.describe_cell(1), data.describe_cell(7), data.describe_cell(30))
-cls_shape, cls_color, cls_glyph = cls_shape.to(dev), cls_color.to(dev), cls_glyph.to(dev)
+        fact[2, c] = data.GLYPHS.index(d[1]) + 1
+fact = fact.to(dev)
 
-params = list(model.parameters()) + list(heads.parameters())
-groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": P["wd"]},
-          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-opt = torch.optim.AdamW(groups, lr=P["lr"], betas=(0.9, P["b2"]))
-def lr_at(s):
-    w, d = max(1, round(P["warm"] * P["steps"])), max(1, round(P["decay"] * P["steps"]))
-    return P["lr"] * ((s + 1) / w if s < w else min(1.0, (P["steps"] - s) / d))
+# the optimiser and schedule of distill.py (AdamW, decay on matrices only; warmup-stable-decay)
+opt_cfg = DistillConfig(stage=0, steps=P["steps"], lr=P["lr"], batch_size=P["bs"], weight_decay=P["wd"],
+                         grad_clip=P["clip"], warmup_frac=P["warm"], decay_frac=P["decay"])
+trained = nn.ModuleList([model, heads])
+params = list(trained.parameters())
+opt = make_optimizer(trained, opt_cfg)
+for g in opt.param_groups:
+    g["betas"] = (0.9, P["b2"])
 
 def aux_loss(feats, cells):
     valid = cells != data.IGNORE_INDEX
@@ -174,7 +173,7 @@ def aux_loss(feats, cells):
         lg = P["scale"] * f @ F.normalize(heads[0].weight, dim=-1).T
         return F.cross_entropy(lg[valid].float(), cells[valid])
     tot = 0
-    for h, t in zip(heads, (cls_shape, cls_color, cls_glyph)):
+    for h, t in zip(heads, fact):
         lg = P["scale"] * f @ F.normalize(h.weight, dim=-1).T
         tot = tot + F.cross_entropy(lg[valid].float(), t[c][valid])
     return tot
@@ -201,11 +200,12 @@ loader = torch.utils.data.DataLoader(Steps(), batch_size=None, num_workers=P["wo
                                      persistent_workers=True)
 t0 = time.time(); ce_avg = aux_avg = None
 for s, b in enumerate(loader):
-    for g in opt.param_groups: g["lr"] = lr_at(s)
+    for g in opt.param_groups: g["lr"] = wsd_lr(s, opt_cfg)
     ids, lab = b["input_ids"].to(dev, non_blocking=True), b["labels"].to(dev)
     feats = model.vision_features(b["pixel_values"].to(dev))
     lg = model(ids, image_embeds=feats)
-    ce = F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten(), ignore_index=data.IGNORE_INDEX)
+    ce_sum, n_ans = answer_ce(lg, lab)
+    ce = ce_sum / n_ans.clamp_min(1)
     aux = aux_loss(feats, b["cells"].to(dev))
     loss = ce + P["aux_w"] * aux
     opt.zero_grad(set_to_none=True); loss.backward()
@@ -218,5 +218,6 @@ for s, b in enumerate(loader):
             + " ".join(f"{c[:3]}={100*a:.0f}" for c, a in acc.items()))
     if time.time() - t0 > 60 * P["minutes"]:
         say(f"time limit at step {s+1}"); break
-torch.save(model.state_dict(), os.path.join(out, f"{name}.pt")) if P.get("save") else None
+if P["save"]:
+    torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
 say("done")
