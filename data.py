@@ -412,6 +412,34 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return sample_at(self.cfg, self.split, self.seed, index)
 
 
+def focus_cells(question: str, cells: Sequence[int] | None) -> list[int]:
+    """The cells a question is about (row-major indices): the objects it names, by colour and
+    shape ("red circle"), by colour alone ("red objects") or by shape alone ("circles"), or the
+    glyph cells when it asks about the text. Stage 0 supervises one attention head to look at
+    them (distill.py, `focus_weight`); it is computed from the question and the cells, so it works
+    for any dataset that carries `cells`. [] when the cells are unknown or nothing matches."""
+    if cells is None or any(c == IGNORE_INDEX for c in cells):
+        return []
+    words = re.findall(r"[a-z]+", question.lower())
+    wanted = []  # predicates on describe_cell(...)
+    i = 0
+    while i < len(words):
+        w, nxt = words[i], words[i + 1] if i + 1 < len(words) else ""
+        if w in COLORS and nxt in SHAPES:
+            wanted.append(lambda d, c=w, s=nxt: d[0] == "object" and d[1:] == (s, c))
+            i += 2
+            continue
+        if w in COLORS:
+            wanted.append(lambda d, c=w: d[0] == "object" and d[2] == c)
+        elif w in SHAPES or w in PLURALS:
+            shape = SHAPES[(SHAPES if w in SHAPES else PLURALS).index(w)]
+            wanted.append(lambda d, s=shape: d[0] == "object" and d[1] == s)
+        elif w == "text":
+            wanted.append(lambda d: d[0] == "glyph")
+        i += 1
+    return [k for k, c in enumerate(cells) if any(f(describe_cell(c)) for f in wanted)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing and loading LLaVA-style JSONL
 
@@ -630,7 +658,8 @@ def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
     input_ids (b, T) long, attention_mask (b, T) bool, answer_mask (b, T) bool (True on the answer
     tokens and the closing <|im_end|>), labels (b, T) long (= input_ids on the answer, -100 elsewhere;
     NOT shifted: logits[:, t] predicts labels[:, t + 1]), pixel_values (b, 3, S, S) float in [-1, 1],
-    cells (b, n_cells) long (-100 where unknown), category (list of str)."""
+    cells (b, n_cells) long (-100 where unknown), focus (b, n_cells) bool (`focus_cells`),
+    category (list of str)."""
     encoded = [example_ids(s.question, s.answer, tok, n_image_tokens) for s in samples]
     T = max(len(ids) for ids, _ in encoded)
     b = len(samples)
@@ -643,13 +672,15 @@ def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
         answer_mask[k, :len(ids)] = torch.tensor(mask)
     n_cells = next((len(s.cells) for s in samples if s.cells is not None), n_image_tokens)
     cells = torch.full((b, n_cells), IGNORE_INDEX, dtype=torch.long)
+    focus = torch.zeros(b, n_cells, dtype=torch.bool)
     for k, s in enumerate(samples):
         if s.cells is not None:
             cells[k] = torch.tensor(s.cells)
+            focus[k, focus_cells(s.question, s.cells)] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
             "labels": input_ids.masked_fill(~answer_mask, IGNORE_INDEX),
             "pixel_values": pixel_values(torch.stack([s.image for s in samples])),
-            "cells": cells, "category": [s.category for s in samples]}
+            "cells": cells, "focus": focus, "category": [s.category for s in samples]}
 
 
 # ----------------------------------------------------------------------------------------------

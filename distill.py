@@ -6,7 +6,8 @@ stages. The stage decides which parameters train and which loss is used (DESIGN 
     stage 0  (this project only: HoVLE's weights cannot be downloaded) train the all-attention
              teacher: next-token cross-entropy on answer tokens + a per-image-token auxiliary
              classification of what each grid cell holds (the grounding role of HoVLE's own
-             first stage).
+             first stage); optionally (--focus-weight, experimental) a focus loss guiding one
+             attention head, on the question's tokens, to the cells it names (`focus_loss`).
     stage 1  layer-wise, new parameters only (W_dt, dt_bias, A_log, conv, W_G, norm): every layer
              gets the TEACHER's normed hidden state (teacher forcing); MSE between the student
              mixer's and the teacher attention's per-head outputs before W_O, averaged over layers.
@@ -89,6 +90,10 @@ class DistillConfig:
     mse_scale: float = 1000.0              # stage 1-2 loss scale, as in the paper's code
     kl_tokens: str = "all"                 # stage 3: KL on "all" non-padding tokens or "answer" tokens only
     aux_weight: float = 1.0                # stage 0: weight of the per-cell auxiliary loss
+    focus_weight: float = 0.0              # stage 0: weight of the attention-focus loss (0: off; experimental)
+    embed_std: float = 0.02                # stage 0: std of the fresh token embeddings (experimental: 0.5)
+    focus_layer: int = 3                   # stage 0: the layer ...
+    focus_head: int = 0                    # ... and query head whose attention the focus loss guides
     seed: int = 0
     data_seed: int = 0                     # training data stream (test data uses split "test")
     eval_per_category: int = 50            # test questions per category after each stage
@@ -110,6 +115,10 @@ class DistillConfig:
         self.steps = steps if self.steps is None else self.steps
         self.lr = lr if self.lr is None else self.lr
         self.batch_size = bs if self.batch_size is None else self.batch_size
+        if self.embed_std <= 0:
+            raise ValueError(f"embed_std must be positive, got {self.embed_std}")
+        if self.aux_weight < 0 or self.focus_weight < 0:
+            raise ValueError(f"aux_weight and focus_weight must be >= 0, got {self.aux_weight}, {self.focus_weight}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"steps, batch_size and lr must be positive, got {self.steps}, {self.batch_size}, {self.lr}")
 
@@ -221,6 +230,33 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
     return ce, (labels != data.IGNORE_INDEX).sum().to(torch.float32)
 
 
+def focus_loss(model: Model, hidden: list, batch: dict, layer: int, head: int):
+    """Stage 0's grounding loss: cross-entropy between the attention of one head and a target
+    spread evenly over the cells the question is about (batch["focus"], data.focus_cells) and the
+    <s> token (a sink: its share 1/(n+1) tells how many cells matched; all of it when none did),
+    averaged over the tokens from the question's first word to the one before the answer, and
+    summed over the samples whose cells are known. Questions name what to look for and the head
+    must find it among 64 image tokens, a lookup that answer tokens alone taught too slowly
+    (experiments/README.md); on the words that name the object the head needs no earlier layer
+    to have gathered the question (tokens before them cannot know and add a constant)."""
+    ids, focus = batch["input_ids"], batch["focus"]                    # (b, T), (b, n_cells)
+    block = model.layers[layer]
+    p = block.mixer.probs(block.attention_norm(hidden[layer]), head)  # (b, T, T)
+    b, T = ids.shape
+    t = torch.arange(T, device=ids.device)
+    first = (batch["labels"] != data.IGNORE_INDEX).int().argmax(1, keepdim=True)  # (b, 1) first answer token
+    img_end = ((ids == data.TOKENIZER.img_end_id) & (t < first)).int() * t        # </img>, then "\n", then ...
+    span = (t >= img_end.amax(1, keepdim=True) + 2) & (t < first)     # (b, T): ... the question's first word
+    target = torch.zeros(b, T, dtype=p.dtype)
+    target = target.masked_scatter(ids == model.cfg.img_context_id, focus.to(p.dtype))
+    target[:, 0] = 1.0                                                 # <s>
+    target = target / target.sum(-1, keepdim=True)                    # (b, T) over keys
+    ce = -(target[:, None, :] * p.clamp_min(1e-9).log()).sum(-1)       # (b, T) per query token
+    ce = (ce * span).sum(1) / span.sum(1)                              # (b,) mean over the span
+    known = (batch["cells"] != data.IGNORE_INDEX).all(-1)              # (b,)
+    return (ce * known).sum()
+
+
 class Objective(nn.Module):
     """One stage's loss as a module, so that DistributedDataParallel can wrap it: the student
     (and stage 0's auxiliary head) train, the teacher is frozen."""
@@ -231,6 +267,11 @@ class Objective(nn.Module):
         self.teacher = [teacher]                       # a list: not registered, never trained
         if stage == 0:                                 # per-image-token "what is in this cell" head
             self.aux_head = nn.Linear(student.cfg.hidden_size, data.NUM_CELL_CLASSES, bias=False)
+            layers = student.cfg.layers
+            if cfg.focus_weight and not (0 <= cfg.focus_layer < len(layers) and layers[cfg.focus_layer] == "attn"
+                                         and 0 <= cfg.focus_head < student.cfg.n_heads):
+                raise ValueError(f"focus_layer {cfg.focus_layer} / focus_head {cfg.focus_head} must name a head of "
+                                 f"an attention layer of the {len(layers)}-layer model (layers {layers})")
         if stage in (1, 2):
             self.layers = converted_layers(student, teacher)
 
@@ -239,7 +280,11 @@ class Objective(nn.Module):
         s, teacher = self.student, self.teacher[0]
         if self.stage == 0:
             feats = s.vision_features(batch["pixel_values"])          # (b, 64, D)
-            ce, n = answer_ce(s(batch["input_ids"], image_embeds=feats), batch["labels"])
+            logits, hidden = s(batch["input_ids"], image_embeds=feats, return_hidden=True)
+            ce, n = answer_ce(logits, batch["labels"])
+            if self.cfg.focus_weight:
+                ce = ce + self.cfg.focus_weight * focus_loss(s, hidden, batch, self.cfg.focus_layer,
+                                                             self.cfg.focus_head)
             cells = batch["cells"]                                     # (b, 64)
             # classify each cell with a cosine classifier of fixed scale: a plain linear head is
             # satisfied by features that are one large shared offset plus small class parts
@@ -321,7 +366,14 @@ def initial_student(cfg: DistillConfig, teacher: Model | None) -> Model:
     attention back into the kept layers."""
     if cfg.stage == 0:
         torch.manual_seed(cfg.seed)
-        return Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
+        model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
+        # Token embeddings of std 0.02 (norm ~0.3) drown under what layer 0 adds from the image
+        # tokens (norm ~7 at text positions after 550 steps), and the question's words get lost;
+        # std 0.5 keeps them readable (experiments/README.md), not yet shown to raise accuracy.
+        if cfg.embed_std != model.cfg.init_std:    # (equal: the init as before, bit for bit)
+            with torch.no_grad():
+                model.embed_tokens.weight.normal_(0.0, cfg.embed_std)
+        return model
     n = teacher.cfg.n_layers
     if cfg.stage == 1 and cfg.student is None:
         g = torch.Generator().manual_seed(cfg.seed)
@@ -545,6 +597,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, help="peak learning rate (default per stage)")
     p.add_argument("--batch-size", type=int, help="global batch size (default per stage)")
     p.add_argument("--kl-tokens", default="all", choices=["all", "answer"], help="stage 3: tokens the KL is taken on")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="stage 0: weight of the per-cell auxiliary loss")
+    p.add_argument("--embed-std", type=float, default=0.02, help="stage 0: std of the fresh token embeddings (experimental: 0.5)")
+    p.add_argument("--focus-weight", type=float, default=0.0, help="stage 0: weight of the attention-focus loss (experimental: 1)")
     p.add_argument("--eval-per-category", type=int, default=50, help="test questions per category after a stage")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation")
@@ -562,6 +617,7 @@ def main(argv=None):
         cfg = DistillConfig(stage=k, out=out, teacher=args.teacher, student=args.student if k == stages[0] else None,
                             layers=args.layers, n_attn=args.n_attn, placement=args.placement, init=args.init,
                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, kl_tokens=args.kl_tokens,
+                            aux_weight=args.aux_weight, focus_weight=args.focus_weight, embed_std=args.embed_std,
                             eval_per_category=args.eval_per_category, save_every=args.save_every,
                             seed=args.seed, resume=args.resume)
         try:

@@ -437,6 +437,22 @@ class Attention(nn.Module):
         o = self.heads(u, start, cache)
         return self.wo(o.reshape(*o.shape[:2], -1))
 
+    def probs(self, u: torch.Tensor, head: int) -> torch.Tensor:
+        """The attention map softmax(q_h k^T / sqrt(P)) of query head `head` over a whole sequence
+        with the causal mask, (b, L, L): row t says how token t spreads its attention over tokens
+        0..t (stage 0 supervises one head with it; `heads` never builds it)."""
+        cfg = self.cfg
+        b, L, _ = u.shape
+        H, Hkv, P = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        if not 0 <= head < H:
+            raise ValueError(f"head must be in [0, {H}), got {head}")
+        g = head // (H // Hkv)                                                           # its KV head
+        q = rope(self.wq(u).view(b, L, H, P)[:, :, head, None].transpose(1, 2), 0, cfg.rope_theta)  # (b, 1, L, P)
+        k = rope(self.wk(u).view(b, L, Hkv, P)[:, :, g, None].transpose(1, 2), 0, cfg.rope_theta)   # (b, 1, L, P)
+        scores = (q @ k.transpose(-1, -2))[:, 0] / math.sqrt(P)                         # (b, L, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=u.device).tril()
+        return scores.to(_float_type(scores.dtype)).masked_fill(~causal, float("-inf")).softmax(-1)
+
 
 class Mamba2Mixer(nn.Module):
     """The mmMamba Mamba-2 mixer (DESIGN section 5); see the module docstring for the equations.

@@ -300,3 +300,34 @@ def test_splits_and_seeds_differ():
     other_seed = {key(s) for s in draw_questions(200, "train", 1)}
     assert not train & test and not train & other_seed
     assert draw_questions(5, "train", 0) == draw_questions(5, "train", 0)  # deterministic
+
+
+def test_focus_cells_are_the_cells_the_answer_depends_on():
+    """focus_cells (stage 0's attention target) checked against each category's answer."""
+    for cat, cells, q, a in draw_questions(700, seed=2):
+        focus = data.focus_cells(q, cells)
+        kinds = [describe_cell(cells[k]) for k in focus]
+        assert focus == sorted(set(focus))
+        if cat == "exist":
+            assert len(focus) == (a == "yes")
+        elif cat == "count":
+            assert len(focus) == int(a) and all(d[0] == "object" for d in kinds)
+        elif cat == "color":
+            assert [d[2] for d in kinds] == [a]
+        elif cat == "shape":
+            assert [d[1] for d in kinds] == [a]
+        elif cat == "position":
+            assert len(focus) == 2 and all(d[0] == "object" and f"{d[2]} {d[1]}" in q for d in kinds)
+        elif cat == "text":
+            assert "".join(d[1] for d in kinds) == a
+        else:  # reason: every object of the two compared groups, and no other cell
+            words = re.findall(r"more (\w+)(?: objects)? than (\w+)", q)[0]
+            names = lambda d: {d[1], PLURALS[SHAPES.index(d[1])], d[2]}
+            assert all(d[0] == "object" and names(d) & set(words) for d in kinds)
+            others = [describe_cell(c) for k, c in enumerate(cells) if k not in focus]
+            assert not any(d[0] == "object" and names(d) & set(words) for d in others)
+    assert data.focus_cells("What color is the circle?", None) == []
+    batch = collate([sample_at(CFG, "train", 0, i) for i in range(7)])
+    for k in range(7):
+        s = sample_at(CFG, "train", 0, k)
+        assert batch["focus"][k].nonzero().flatten().tolist() == data.focus_cells(s.question, s.cells)

@@ -124,6 +124,34 @@ def test_answer_ce_counts_answer_tokens_only():
     assert n.item() == 3 and total.item() == pytest.approx(3 * math.log(10))
 
 
+def test_focus_loss_matches_a_hand_computed_target():
+    """Stage 0's focus loss against its definition written out per sample: the head's attention on
+    the question's tokens and the four after it, target 1/(n+1) on <s> and on each focus cell."""
+    torch.manual_seed(0)
+    model = Model(tiny_cfg())
+    samples = [data.sample_at(data.DataConfig(), "train", 3, i) for i in range(7)]  # one per category
+    batch = data.collate(samples)
+    _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
+    got = distill.focus_loss(model, hidden, batch, layer=1, head=3)
+    want = 0.0
+    for k, s in enumerate(samples):
+        prompt = data.prompt_ids(s.question)                          # the answer starts after it
+        image_pos = [t for t, i in enumerate(prompt) if i == data.IMG_CONTEXT_ID]
+        block = model.layers[1]
+        u = block.attention_norm(hidden[1][k:k + 1, :len(prompt)])
+        n_q = len(data.TOKENIZER.encode(s.question))                  # question, <|im_end|>, <|im_start|>, "assistant", "\n"
+        rows = block.mixer.probs(u, 3)[0, -(n_q + 4):]
+        assert data.TOKENIZER.decode(prompt[-(n_q + 4):]) == s.question + "<|im_end|><|im_start|>assistant\n"
+        keys = [0] + [image_pos[c] for c in data.focus_cells(s.question, s.cells)]
+        want -= sum(row[t].log() for row in rows for t in keys) / len(keys) / len(rows)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()                                                    # layers above the head get nothing
+    assert all(p.grad is None for p in model.layers[2].parameters())
+    assert model.layers[0].mixer.wq.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="focus_layer 3"):
+        distill.Objective(0, model, None, distill.DistillConfig(stage=0, focus_weight=1.0, focus_layer=3))
+
+
 def test_wsd_schedule():
     cfg = distill.DistillConfig(stage=1, steps=100, lr=1.0)
     lrs = [distill.wsd_lr(s, cfg) for s in range(100)]
@@ -136,7 +164,8 @@ def test_wsd_schedule():
 
 def test_stage0_loss_falls(tmp_path):
     torch.manual_seed(0)
-    cfg = distill.DistillConfig(stage=0, out=str(tmp_path), steps=12, batch_size=8, lr=3e-3, save_every=100)
+    cfg = distill.DistillConfig(stage=0, out=str(tmp_path), steps=12, batch_size=8, lr=3e-3, save_every=100,
+                                focus_weight=1.0, focus_layer=1, embed_std=0.5)
     student = distill.train_stage(cfg, student=Model(tiny_cfg()))
     losses = student.train_losses
     assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3])

@@ -203,13 +203,19 @@ def test_attention_heads_oracle():
         return torch.cat([z.real, z.imag], -1)
 
     y = torch.zeros(b, L, H, P, dtype=torch.float64)
+    maps = torch.zeros(H, b, L, L, dtype=torch.float64)
     for t in range(L):
         for h in range(H):
             kv = h // cfg.n_groups
             s = torch.stack([(rot(q[:, t, h], t) * rot(k[:, j, kv], j)).sum(-1) for j in range(t + 1)], -1)
             w = torch.softmax(s / math.sqrt(P), -1)                              # (b, t+1)
             y[:, t, h] = (w[..., None] * v[:, : t + 1, kv]).sum(1)
+            maps[h, :, t, : t + 1] = w
     assert rel(attn.heads(u), y) < 1e-12
+    for h in range(H):                               # one head's attention map (stage 0's focus loss)
+        assert rel(attn.probs(u, h), maps[h]) < 1e-12
+    with pytest.raises(ValueError, match="head must be in"):
+        attn.probs(u, H)
     assert rel(attn(u), y.reshape(b, L, -1) @ attn.wo.weight.T) < 1e-12
 
 
