@@ -94,6 +94,7 @@ class DistillConfig:
     embed_std: float = 0.02                # stage 0: std of the fresh token embeddings (experimental: 0.5)
     focus_layer: int = 3                   # stage 0: the layer ...
     focus_head: int = 0                    # ... and query head whose attention the focus loss guides
+    focus_tokens: str = "nouns"            # stage 0: where: "nouns" (the words ending an object phrase) or "question" (its tokens and the 4 after it)
     seed: int = 0
     data_seed: int = 0                     # training data stream (test data uses split "test")
     eval_per_category: int = 50            # test questions per category after each stage
@@ -115,6 +116,8 @@ class DistillConfig:
         self.steps = steps if self.steps is None else self.steps
         self.lr = lr if self.lr is None else self.lr
         self.batch_size = bs if self.batch_size is None else self.batch_size
+        if self.focus_tokens not in ("question", "nouns"):
+            raise ValueError(f"focus_tokens must be 'question' or 'nouns', got {self.focus_tokens!r}")
         if self.embed_std <= 0:
             raise ValueError(f"embed_std must be positive, got {self.embed_std}")
         if self.aux_weight < 0 or self.focus_weight < 0:
@@ -230,15 +233,20 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
     return ce, (labels != data.IGNORE_INDEX).sum().to(torch.float32)
 
 
-def focus_loss(model: Model, hidden: list, batch: dict, layer: int, head: int):
-    """Stage 0's grounding loss: cross-entropy between the attention of one head and a target
-    spread evenly over the cells the question is about (batch["focus"], data.focus_cells) and the
-    <s> token (a sink: its share 1/(n+1) tells how many cells matched; all of it when none did),
-    averaged over the tokens from the question's first word to the one before the answer, and
-    summed over the samples whose cells are known. Questions name what to look for and the head
-    must find it among 64 image tokens, a lookup that answer tokens alone taught too slowly
-    (experiments/README.md); on the words that name the object the head needs no earlier layer
-    to have gathered the question (tokens before them cannot know and add a constant)."""
+# Words that end an object phrase ("red circle", "squares", "red objects", "the text").
+NOUN_IDS = sorted({data.TOKENIZER.encode(" " + w)[0] for w in data.SHAPES + data.PLURALS + ("object", "objects", "text")})
+
+
+def focus_loss(model: Model, hidden: list, batch: dict, layer: int, head: int, tokens: str = "nouns"):
+    """Stage 0's grounding loss (experimental): cross-entropy between the attention of one head and
+    a target spread evenly over the cells the question is about (batch["focus"],
+    data.focus_cells) and the <s> token (a sink: its share 1/(n+1) tells how many cells matched;
+    all of it when none did), averaged over the query tokens `tokens` and summed over the samples
+    whose cells are known. tokens="nouns": the words that end an object phrase ("circle",
+    "squares", "objects", "text"), where the named thing is known without any earlier layer having
+    gathered the question; "question": every question token and the four after it (the head then
+    stalls at "all objects", experiments/README.md). Answer tokens alone taught the lookup too
+    slowly."""
     ids, focus = batch["input_ids"], batch["focus"]                    # (b, T), (b, n_cells)
     block = model.layers[layer]
     p = block.mixer.probs(block.attention_norm(hidden[layer]), head)  # (b, T, T)
@@ -247,6 +255,8 @@ def focus_loss(model: Model, hidden: list, batch: dict, layer: int, head: int):
     first = (batch["labels"] != data.IGNORE_INDEX).int().argmax(1, keepdim=True)  # (b, 1) first answer token
     img_end = ((ids == data.TOKENIZER.img_end_id) & (t < first)).int() * t        # </img>, then "\n", then ...
     span = (t >= img_end.amax(1, keepdim=True) + 2) & (t < first)     # (b, T): ... the question's first word
+    if tokens == "nouns":                                              # only the words ending an object phrase
+        span &= torch.isin(ids, torch.tensor(NOUN_IDS, device=ids.device))
     target = torch.zeros(b, T, dtype=p.dtype)
     target = target.masked_scatter(ids == model.cfg.img_context_id, focus.to(p.dtype))
     target[:, 0] = 1.0                                                 # <s>
@@ -284,7 +294,7 @@ class Objective(nn.Module):
             ce, n = answer_ce(logits, batch["labels"])
             if self.cfg.focus_weight:
                 ce = ce + self.cfg.focus_weight * focus_loss(s, hidden, batch, self.cfg.focus_layer,
-                                                             self.cfg.focus_head)
+                                                             self.cfg.focus_head, self.cfg.focus_tokens)
             cells = batch["cells"]                                     # (b, 64)
             # classify each cell with a cosine classifier of fixed scale: a plain linear head is
             # satisfied by features that are one large shared offset plus small class parts
@@ -598,6 +608,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch size (default per stage)")
     p.add_argument("--kl-tokens", default="all", choices=["all", "answer"], help="stage 3: tokens the KL is taken on")
     p.add_argument("--aux-weight", type=float, default=1.0, help="stage 0: weight of the per-cell auxiliary loss")
+    p.add_argument("--focus-tokens", default="nouns", choices=["nouns", "question"],
+                   help="stage 0: tokens the focus loss is taken on: the words ending an object phrase, or the question's and the 4 after it")
     p.add_argument("--embed-std", type=float, default=0.02, help="stage 0: std of the fresh token embeddings (experimental: 0.5)")
     p.add_argument("--focus-weight", type=float, default=0.0, help="stage 0: weight of the attention-focus loss (experimental: 1)")
     p.add_argument("--eval-per-category", type=int, default=50, help="test questions per category after a stage")
@@ -618,6 +630,7 @@ def main(argv=None):
                             layers=args.layers, n_attn=args.n_attn, placement=args.placement, init=args.init,
                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, kl_tokens=args.kl_tokens,
                             aux_weight=args.aux_weight, focus_weight=args.focus_weight, embed_std=args.embed_std,
+                            focus_tokens=args.focus_tokens,
                             eval_per_category=args.eval_per_category, save_every=args.save_every,
                             seed=args.seed, resume=args.resume)
         try:

@@ -132,7 +132,7 @@ def test_focus_loss_matches_a_hand_computed_target():
     samples = [data.sample_at(data.DataConfig(), "train", 3, i) for i in range(7)]  # one per category
     batch = data.collate(samples)
     _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
-    got = distill.focus_loss(model, hidden, batch, layer=1, head=3)
+    got = distill.focus_loss(model, hidden, batch, layer=1, head=3, tokens="question")
     want = 0.0
     for k, s in enumerate(samples):
         prompt = data.prompt_ids(s.question)                          # the answer starts after it
@@ -145,6 +145,19 @@ def test_focus_loss_matches_a_hand_computed_target():
         keys = [0] + [image_pos[c] for c in data.focus_cells(s.question, s.cells)]
         want -= sum(row[t].log() for row in rows for t in keys) / len(keys) / len(rows)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    nouns = distill.focus_loss(model, hidden, batch, layer=1, head=3, tokens="nouns")
+    want = 0.0                                                        # only on the words ending an object phrase
+    for k, s in enumerate(samples):
+        prompt = data.prompt_ids(s.question)
+        words = [t for t, i in enumerate(prompt) if data.TOKENIZER.decode([i]).strip() in
+                 data.SHAPES + data.PLURALS + ("object", "objects", "text")]
+        assert words                                                  # every question names something
+        block = model.layers[1]
+        p = block.mixer.probs(block.attention_norm(hidden[1][k:k + 1, :len(prompt)]), 3)[0]
+        image_pos = [t for t, i in enumerate(prompt) if i == data.IMG_CONTEXT_ID]
+        keys = [0] + [image_pos[c] for c in data.focus_cells(s.question, s.cells)]
+        want -= sum(p[w, t].log() for w in words for t in keys) / len(keys) / len(words)
+    assert nouns.item() == pytest.approx(want.item(), rel=1e-5)
     got.backward()                                                    # layers above the head get nothing
     assert all(p.grad is None for p in model.layers[2].parameters())
     assert model.layers[0].mixer.wq.weight.grad.abs().sum() > 0
