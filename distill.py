@@ -27,6 +27,7 @@ Run:
     python distill.py --stage 1                             # then 2, 3; or --stage all
     python distill.py --stage all --layers hybrid --n-attn 2 --placement head-interleaved
     python distill.py --eval checkpoints/teacher            # accuracy table of any checkpoint
+    python distill.py --stage 0 --focus-weight 1 --embed-std 0.5   # experimental grounding recipe
     torchrun --nproc_per_node=2 distill.py --stage 1        # data parallel (gloo on CPU, NCCL on GPU)
 """
 from __future__ import annotations
