@@ -243,7 +243,7 @@ def focus_loss(model: Model, hidden: list, batch: dict, layer: int, head: int, t
     a target spread evenly over the cells the question is about (batch["focus"],
     data.focus_cells) and the <s> token (a sink: its share 1/(n+1) tells how many cells matched;
     all of it when none did), averaged over the query tokens `tokens` and summed over the samples
-    whose cells are known. tokens="nouns": the words that end an object phrase ("circle",
+    whose cells are known and that have such tokens. tokens="nouns": the words that end an object phrase ("circle",
     "squares", "objects", "text"), where the named thing is known without any earlier layer having
     gathered the question; "question": every question token and the four after it (the head then
     stalls at "all objects", experiments/README.md). Answer tokens alone taught the lookup too
@@ -263,8 +263,9 @@ def focus_loss(model: Model, hidden: list, batch: dict, layer: int, head: int, t
     target[:, 0] = 1.0                                                 # <s>
     target = target / target.sum(-1, keepdim=True)                    # (b, T) over keys
     ce = -(target[:, None, :] * p.clamp_min(1e-9).log()).sum(-1)       # (b, T) per query token
-    ce = (ce * span).sum(1) / span.sum(1)                              # (b,) mean over the span
-    known = (batch["cells"] != data.IGNORE_INDEX).all(-1)              # (b,)
+    n_span = span.sum(1)                                               # (b,) 0 for a question naming nothing
+    ce = (ce * span).sum(1) / n_span.clamp_min(1)                      # (b,) mean over the span
+    known = (batch["cells"] != data.IGNORE_INDEX).all(-1) & (n_span > 0)  # (b,)
     return (ce * known).sum()
 
 

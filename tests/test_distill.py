@@ -158,6 +158,12 @@ def test_focus_loss_matches_a_hand_computed_target():
         keys = [0] + [image_pos[c] for c in data.focus_cells(s.question, s.cells)]
         want -= sum(p[w, t].log() for w in words for t in keys) / len(keys) / len(words)
     assert nouns.item() == pytest.approx(want.item(), rel=1e-5)
+    # a user's question that names no object (known cells, no noun token) adds nothing, not NaN
+    odd = data.Sample(samples[0].image, "What is in the image?", "shapes", "custom", samples[0].cells)
+    batch2 = data.collate(samples + [odd])
+    _, hidden2 = model(batch2["input_ids"], batch2["pixel_values"], return_hidden=True)
+    with_odd = distill.focus_loss(model, hidden2, batch2, layer=1, head=3, tokens="nouns")
+    assert with_odd.item() == pytest.approx(nouns.item(), rel=1e-5)
     got.backward()                                                    # layers above the head get nothing
     assert all(p.grad is None for p in model.layers[2].parameters())
     assert model.layers[0].mixer.wq.weight.grad.abs().sum() > 0
