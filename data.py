@@ -7,11 +7,11 @@ and those benchmarks cannot be downloaded here, so this file draws a small bench
 skills using pillow, one category per skill:
 
     category  mirrors              example question                                 answers
-    exist     POPE, MME existence  Is there a red circle?                           yes / no
+    exist     POPE, MME existence  Is there a circle? / Is there a red object?      yes / no
     count     MME count            How many triangles are there?                    0 .. 4
     color     MME color            What color is the square?                        6 colours
     shape     MME / GQA attribute  What shape is the blue object?                   5 shapes
-    position  GQA, MME position    Is the red circle to the left of the blue cross? yes / no
+    position  GQA, MME position    Is the circle to the left of the cross?          yes / no
     text      TextVQA, MME OCR     What does the text say?                          2-4 glyphs
     reason    ScienceQA / MMBench  Are there more circles than squares?             yes / no
 
@@ -290,17 +290,17 @@ def _distinct(rng: random.Random, n_items: int, k: int) -> list[int]:
 
 
 def _gen_exist(rng, cfg):
-    s, c = rng.randrange(len(SHAPES)), rng.randrange(len(COLORS))
+    # POPE-style: one object named by its shape or by its colour, present (once) or absent
     yes = rng.random() < 0.5
-    required = [(s, c)] if yes else []
-    # POPE-style adversarial distractors, the same for both answers: the shape in another colour
-    # and the colour on another shape, so that only binding colour to shape answers the question.
     if rng.random() < 0.5:
-        required.append((s, rng.choice([x for x in range(len(COLORS)) if x != c])))
-    if rng.random() < 0.5:
-        required.append((rng.choice([x for x in range(len(SHAPES)) if x != s]), c))
-    cells = _scene(rng, cfg, required, allowed=lambda s2, c2: (s2, c2) != (s, c))
-    return cells, f"Is there a {COLOR_NAMES[c]} {SHAPES[s]}?", "yes" if yes else "no"
+        s = rng.randrange(len(SHAPES))
+        required = [(s, rng.randrange(len(COLORS)))] if yes else []
+        cells = _scene(rng, cfg, required, allowed=lambda s2, c2: s2 != s)
+        return cells, f"Is there a {SHAPES[s]}?", "yes" if yes else "no"
+    c = rng.randrange(len(COLORS))
+    required = [(rng.randrange(len(SHAPES)), c)] if yes else []
+    cells = _scene(rng, cfg, required, allowed=lambda s2, c2: c2 != c)
+    return cells, f"Is there a {COLOR_NAMES[c]} object?", "yes" if yes else "no"
 
 
 def _gen_count(rng, cfg):
@@ -329,21 +329,29 @@ def _gen_shape(rng, cfg):
 
 
 def _gen_position(rng, cfg):
+    # two objects, each the only one of its shape (or each the only one of its colour)
     rel = rng.randrange(len(RELATIONS))
     yes = rng.random() < 0.5
-    a, b = rng.sample([(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS))], 2)
+    by_shape = rng.random() < 0.5
+    if by_shape:
+        sa, sb = _distinct(rng, len(SHAPES), 2)
+        a, b = (sa, rng.randrange(len(COLORS))), (sb, rng.randrange(len(COLORS)))
+        allowed = lambda s2, c2: s2 not in (sa, sb)
+    else:
+        ca, cb = _distinct(rng, len(COLORS), 2)
+        a, b = (rng.randrange(len(SHAPES)), ca), (rng.randrange(len(SHAPES)), cb)
+        allowed = lambda s2, c2: c2 not in (ca, cb)
     while True:  # redraw until the compared coordinate differs, so the relation is well defined
-        cells = _scene(rng, cfg, [a, b])
-        (ra, ca), (rb, cb) = (divmod(cells.index(object_class(*o)), cfg.grid) for o in (a, b))
-        ka, kb = (ca, cb) if rel < 2 else (ra, rb)
+        cells = _scene(rng, cfg, [a, b], allowed)
+        (ra, ca_), (rb, cb_) = (divmod(cells.index(object_class(*o)), cfg.grid) for o in (a, b))
+        ka, kb = (ca_, cb_) if rel < 2 else (ra, rb)
         if ka != kb:
             break
     truth = ka < kb if rel in (0, 2) else ka > kb  # left of / above: smaller column / row
     if truth != yes:  # swapping the two objects' roles flips a strict relation
         a, b = b, a
-    q = (f"Is the {COLOR_NAMES[a[1]]} {SHAPES[a[0]]} {RELATIONS[rel]} "
-         f"the {COLOR_NAMES[b[1]]} {SHAPES[b[0]]}?")
-    return cells, q, "yes" if yes else "no"
+    name = (lambda o: SHAPES[o[0]]) if by_shape else (lambda o: f"{COLOR_NAMES[o[1]]} object")
+    return cells, f"Is the {name(a)} {RELATIONS[rel]} the {name(b)}?", "yes" if yes else "no"
 
 
 def _gen_text(rng, cfg):
@@ -412,32 +420,23 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return sample_at(self.cfg, self.split, self.seed, index)
 
 
-def focus_cells(question: str, cells: Sequence[int] | None) -> list[int]:
-    """The cells a question is about (row-major indices): the objects it names, by colour and
-    shape ("red circle"), by colour alone ("red objects") or by shape alone ("circles"), or the
-    glyph cells when it asks about the text. Stage 0 supervises one attention head to look at
-    them (distill.py, `focus_weight`); it is computed from the question and the cells, so it works
-    for any dataset that carries `cells`. [] when the cells are unknown or nothing matches."""
-    if cells is None or any(c == IGNORE_INDEX for c in cells):
-        return []
-    words = re.findall(r"[a-z]+", question.lower())
-    wanted = []  # predicates on describe_cell(...)
-    i = 0
-    while i < len(words):
-        w, nxt = words[i], words[i + 1] if i + 1 < len(words) else ""
-        if w in COLORS and nxt in SHAPES:
-            wanted.append(lambda d, c=w, s=nxt: d[0] == "object" and d[1:] == (s, c))
-            i += 2
-            continue
-        if w in COLORS:
-            wanted.append(lambda d, c=w: d[0] == "object" and d[2] == c)
-        elif w in SHAPES or w in PLURALS:
-            shape = SHAPES[(SHAPES if w in SHAPES else PLURALS).index(w)]
-            wanted.append(lambda d, s=shape: d[0] == "object" and d[1] == s)
-        elif w == "text":
-            wanted.append(lambda d: d[0] == "glyph")
-        i += 1
-    return [k for k, c in enumerate(cells) if any(f(describe_cell(c)) for f in wanted)]
+# The words by which a question names objects: one attribute each ("circle", "squares", "red"
+# as in "the red object"), or "text" for the glyphs. Stage 0's grounding hints (grounding.py)
+# teach an attention head to look, from each such word, at the cells it names.
+OBJECT_WORDS = SHAPES + PLURALS + COLOR_NAMES + ("text",)
+
+
+def word_cells(word: str, cells: Sequence[int]) -> list[int]:
+    """The cells (row-major indices) that an object word names: the objects of that shape (singular
+    or plural) or of that colour, or the glyph cells for "text"."""
+    if word not in OBJECT_WORDS:
+        raise ValueError(f"word must be one of {OBJECT_WORDS}, got {word!r}")
+    if word in PLURALS:
+        word = SHAPES[PLURALS.index(word)]
+    kinds = [describe_cell(c) for c in cells]
+    if word == "text":
+        return [k for k, d in enumerate(kinds) if d[0] == "glyph"]
+    return [k for k, d in enumerate(kinds) if d[0] == "object" and word in d[1:]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,8 +657,7 @@ def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
     input_ids (b, T) long, attention_mask (b, T) bool, answer_mask (b, T) bool (True on the answer
     tokens and the closing <|im_end|>), labels (b, T) long (= input_ids on the answer, -100 elsewhere;
     NOT shifted: logits[:, t] predicts labels[:, t + 1]), pixel_values (b, 3, S, S) float in [-1, 1],
-    cells (b, n_cells) long (-100 where unknown), focus (b, n_cells) bool (`focus_cells`),
-    category (list of str)."""
+    cells (b, n_cells) long (-100 where unknown), category (list of str)."""
     encoded = [example_ids(s.question, s.answer, tok, n_image_tokens) for s in samples]
     T = max(len(ids) for ids, _ in encoded)
     b = len(samples)
@@ -672,15 +670,13 @@ def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
         answer_mask[k, :len(ids)] = torch.tensor(mask)
     n_cells = next((len(s.cells) for s in samples if s.cells is not None), n_image_tokens)
     cells = torch.full((b, n_cells), IGNORE_INDEX, dtype=torch.long)
-    focus = torch.zeros(b, n_cells, dtype=torch.bool)
     for k, s in enumerate(samples):
         if s.cells is not None:
             cells[k] = torch.tensor(s.cells)
-            focus[k, focus_cells(s.question, s.cells)] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
             "labels": input_ids.masked_fill(~answer_mask, IGNORE_INDEX),
             "pixel_values": pixel_values(torch.stack([s.image for s in samples])),
-            "cells": cells, "focus": focus, "category": [s.category for s in samples]}
+            "cells": cells, "category": [s.category for s in samples]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ stages. The stage decides which parameters train and which loss is used (DESIGN 
     stage 0  (this project only: HoVLE's weights cannot be downloaded) train the all-attention
              teacher: next-token cross-entropy on answer tokens + a per-image-token auxiliary
              classification of what each grid cell holds (the grounding role of HoVLE's own
-             first stage); optionally (--focus-weight, experimental) a focus loss guiding one
-             attention head, on the question's tokens, to the cells it names (`focus_loss`).
+             first stage); optionally (--ground-weight) grounding hints that tell three attention
+             heads where to look (grounding.py).
     stage 1  layer-wise, new parameters only (W_dt, dt_bias, A_log, conv, W_G, norm): every layer
              gets the TEACHER's normed hidden state (teacher forcing); MSE between the student
              mixer's and the teacher attention's per-head outputs before W_O, averaged over layers.
@@ -27,7 +27,7 @@ Run:
     python distill.py --stage 1                             # then 2, 3; or --stage all
     python distill.py --stage all --layers hybrid --n-attn 2 --placement head-interleaved
     python distill.py --eval checkpoints/teacher            # accuracy table of any checkpoint
-    python distill.py --stage 0 --focus-weight 1 --embed-std 0.5   # experimental grounding recipe
+    python distill.py --stage 0 --ground-weight 1 --embed-std 0.5   # stage 0 with grounding hints
     torchrun --nproc_per_node=2 distill.py --stage 1        # data parallel (gloo on CPU, NCCL on GPU)
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import data
 from convert import load_model
+from grounding import GroundingConfig, Probes, grounding_loss
 from model import Mamba2Mixer, Model, ModelConfig, PLACEMENTS, make_layers, _atomic_write, write_json
 from seed import MODES, convert, mixer_fidelity
 
@@ -91,11 +92,9 @@ class DistillConfig:
     mse_scale: float = 1000.0              # stage 1-2 loss scale, as in the paper's code
     kl_tokens: str = "all"                 # stage 3: KL on "all" non-padding tokens or "answer" tokens only
     aux_weight: float = 1.0                # stage 0: weight of the per-cell auxiliary loss
-    focus_weight: float = 0.0              # stage 0: weight of the attention-focus loss (0: off; experimental)
-    embed_std: float = 0.02                # stage 0: std of the fresh token embeddings (experimental: 0.5)
-    focus_layer: int = 3                   # stage 0: the layer ...
-    focus_head: int = 0                    # ... and query head whose attention the focus loss guides
-    focus_tokens: str = "nouns"            # stage 0: where: "nouns" (the words ending an object phrase) or "question" (its tokens and the 4 after it)
+    ground_weight: float = 0.0             # stage 0: weight of the grounding hints (grounding.py; 0: off)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)  # stage 0: which heads the hints guide
+    embed_std: float = 0.02                # stage 0: std of the fresh token embeddings
     seed: int = 0
     data_seed: int = 0                     # training data stream (test data uses split "test")
     eval_per_category: int = 50            # test questions per category after each stage
@@ -117,12 +116,10 @@ class DistillConfig:
         self.steps = steps if self.steps is None else self.steps
         self.lr = lr if self.lr is None else self.lr
         self.batch_size = bs if self.batch_size is None else self.batch_size
-        if self.focus_tokens not in ("question", "nouns"):
-            raise ValueError(f"focus_tokens must be 'question' or 'nouns', got {self.focus_tokens!r}")
         if self.embed_std <= 0:
             raise ValueError(f"embed_std must be positive, got {self.embed_std}")
-        if self.aux_weight < 0 or self.focus_weight < 0:
-            raise ValueError(f"aux_weight and focus_weight must be >= 0, got {self.aux_weight}, {self.focus_weight}")
+        if self.aux_weight < 0 or self.ground_weight < 0:
+            raise ValueError(f"aux_weight and ground_weight must be >= 0, got {self.aux_weight}, {self.ground_weight}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"steps, batch_size and lr must be positive, got {self.steps}, {self.batch_size}, {self.lr}")
 
@@ -234,41 +231,6 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
     return ce, (labels != data.IGNORE_INDEX).sum().to(torch.float32)
 
 
-# Words that end an object phrase ("red circle", "squares", "red objects", "the text").
-NOUN_IDS = sorted({data.TOKENIZER.encode(" " + w)[0] for w in data.SHAPES + data.PLURALS + ("object", "objects", "text")})
-
-
-def focus_loss(model: Model, hidden: list, batch: dict, layer: int, head: int, tokens: str = "nouns"):
-    """Stage 0's grounding loss (experimental): cross-entropy between the attention of one head and
-    a target spread evenly over the cells the question is about (batch["focus"],
-    data.focus_cells) and the <s> token (a sink: its share 1/(n+1) tells how many cells matched;
-    all of it when none did), averaged over the query tokens `tokens` and summed over the samples
-    whose cells are known and that have such tokens. tokens="nouns": the words that end an object phrase ("circle",
-    "squares", "objects", "text"), where the named thing is known without any earlier layer having
-    gathered the question; "question": every question token and the four after it (the head then
-    stalls at "all objects", experiments/README.md). Answer tokens alone taught the lookup too
-    slowly."""
-    ids, focus = batch["input_ids"], batch["focus"]                    # (b, T), (b, n_cells)
-    block = model.layers[layer]
-    p = block.mixer.probs(block.attention_norm(hidden[layer]), head)  # (b, T, T)
-    b, T = ids.shape
-    t = torch.arange(T, device=ids.device)
-    first = (batch["labels"] != data.IGNORE_INDEX).int().argmax(1, keepdim=True)  # (b, 1) first answer token
-    img_end = ((ids == data.TOKENIZER.img_end_id) & (t < first)).int() * t        # </img>, then "\n", then ...
-    span = (t >= img_end.amax(1, keepdim=True) + 2) & (t < first)     # (b, T): ... the question's first word
-    if tokens == "nouns":                                              # only the words ending an object phrase
-        span &= torch.isin(ids, torch.tensor(NOUN_IDS, device=ids.device))
-    target = torch.zeros(b, T, dtype=p.dtype)
-    target = target.masked_scatter(ids == model.cfg.img_context_id, focus.to(p.dtype))
-    target[:, 0] = 1.0                                                 # <s>
-    target = target / target.sum(-1, keepdim=True)                    # (b, T) over keys
-    ce = -(target[:, None, :] * p.clamp_min(1e-9).log()).sum(-1)       # (b, T) per query token
-    n_span = span.sum(1)                                               # (b,) 0 for a question naming nothing
-    ce = (ce * span).sum(1) / n_span.clamp_min(1)                      # (b,) mean over the span
-    known = (batch["cells"] != data.IGNORE_INDEX).all(-1) & (n_span > 0)  # (b,)
-    return (ce * known).sum()
-
-
 class Objective(nn.Module):
     """One stage's loss as a module, so that DistributedDataParallel can wrap it: the student
     (and stage 0's auxiliary head) train, the teacher is frozen."""
@@ -279,11 +241,9 @@ class Objective(nn.Module):
         self.teacher = [teacher]                       # a list: not registered, never trained
         if stage == 0:                                 # per-image-token "what is in this cell" head
             self.aux_head = nn.Linear(student.cfg.hidden_size, data.NUM_CELL_CLASSES, bias=False)
-            layers = student.cfg.layers
-            if cfg.focus_weight and not (0 <= cfg.focus_layer < len(layers) and layers[cfg.focus_layer] == "attn"
-                                         and 0 <= cfg.focus_head < student.cfg.n_heads):
-                raise ValueError(f"focus_layer {cfg.focus_layer} / focus_head {cfg.focus_head} must name a head of "
-                                 f"an attention layer of the {len(layers)}-layer model (layers {layers})")
+            if cfg.ground_weight:
+                cfg.grounding.check(student.cfg)
+                self.probes = Probes(student.cfg.hidden_size)   # grounding.py's attribute probes
         if stage in (1, 2):
             self.layers = converted_layers(student, teacher)
 
@@ -294,9 +254,8 @@ class Objective(nn.Module):
             feats = s.vision_features(batch["pixel_values"])          # (b, 64, D)
             logits, hidden = s(batch["input_ids"], image_embeds=feats, return_hidden=True)
             ce, n = answer_ce(logits, batch["labels"])
-            if self.cfg.focus_weight:
-                ce = ce + self.cfg.focus_weight * focus_loss(s, hidden, batch, self.cfg.focus_layer,
-                                                             self.cfg.focus_head, self.cfg.focus_tokens)
+            if self.cfg.ground_weight:
+                ce = ce + self.cfg.ground_weight * grounding_loss(s, hidden, batch, self.cfg.grounding, self.probes)
             cells = batch["cells"]                                     # (b, 64)
             # classify each cell with a cosine classifier of fixed scale: a plain linear head is
             # satisfied by features that are one large shared offset plus small class parts
@@ -610,10 +569,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch size (default per stage)")
     p.add_argument("--kl-tokens", default="all", choices=["all", "answer"], help="stage 3: tokens the KL is taken on")
     p.add_argument("--aux-weight", type=float, default=1.0, help="stage 0: weight of the per-cell auxiliary loss")
-    p.add_argument("--focus-tokens", default="nouns", choices=["nouns", "question"],
-                   help="stage 0: tokens the focus loss is taken on: the words ending an object phrase, or the question's and the 4 after it")
-    p.add_argument("--embed-std", type=float, default=0.02, help="stage 0: std of the fresh token embeddings (experimental: 0.5)")
-    p.add_argument("--focus-weight", type=float, default=0.0, help="stage 0: weight of the attention-focus loss (experimental: 1)")
+    p.add_argument("--embed-std", type=float, default=0.02, help="stage 0: std of the fresh token embeddings")
+    p.add_argument("--ground-weight", type=float, default=0.0, help="stage 0: weight of the grounding hints (grounding.py; 0: off)")
     p.add_argument("--eval-per-category", type=int, default=50, help="test questions per category after a stage")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation")
@@ -631,8 +588,7 @@ def main(argv=None):
         cfg = DistillConfig(stage=k, out=out, teacher=args.teacher, student=args.student if k == stages[0] else None,
                             layers=args.layers, n_attn=args.n_attn, placement=args.placement, init=args.init,
                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, kl_tokens=args.kl_tokens,
-                            aux_weight=args.aux_weight, focus_weight=args.focus_weight, embed_std=args.embed_std,
-                            focus_tokens=args.focus_tokens,
+                            aux_weight=args.aux_weight, ground_weight=args.ground_weight, embed_std=args.embed_std,
                             eval_per_category=args.eval_per_category, save_every=args.save_every,
                             seed=args.seed, resume=args.resume)
         try:

@@ -235,8 +235,8 @@ def solve(question, cells):
             return sum(s == shape_of[word] for _, s in objs)
         return sum(c == word for c, _ in objs)
 
-    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
-        return "yes" if (m[1], m[2]) in objs else "no"
+    if m := re.fullmatch(r"Is there a (\w+)(?: object)?\?", question):  # by shape or by colour
+        return "yes" if any(m[1] in o for o in objs) else "no"
     if m := re.fullmatch(r"How many (\w+)(?: objects)? are there\?", question):
         return str(count(m[1]))
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
@@ -245,12 +245,14 @@ def solve(question, cells):
     if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
         (match,) = [s for c, s in objs if c == m[1]]
         return match
-    if m := re.fullmatch(r"Is the (\w+) (\w+) (.+) the (\w+) (\w+)\?", question):
-        (ra, ca), (rb, cb) = objs[(m[1], m[2])][0], objs[(m[4], m[5])][0]
+    if m := re.fullmatch(r"Is the (\w+)(?: object)? (.+) the (\w+)(?: object)?\?", question):
+        (a,) = [o for o in objs if m[1] in o]  # each named object is the only one with that word
+        (b,) = [o for o in objs if m[3] in o]
+        (ra, ca), (rb, cb) = objs[a][0], objs[b][0]
         key = {"to the left of": ca < cb, "to the right of": ca > cb, "above": ra < rb,
                "below": ra > rb}
-        assert (ca != cb) if "of" in m[3] else (ra != rb)
-        return "yes" if key[m[3]] else "no"
+        assert (ca != cb) if "of" in m[2] else (ra != rb)
+        return "yes" if key[m[2]] else "no"
     if question == "What does the text say?":
         idx = [i for i, _ in glyphs]
         assert idx == list(range(idx[0], idx[0] + len(idx))) and idx[0] // 8 == idx[-1] // 8
@@ -302,32 +304,26 @@ def test_splits_and_seeds_differ():
     assert draw_questions(5, "train", 0) == draw_questions(5, "train", 0)  # deterministic
 
 
-def test_focus_cells_are_the_cells_the_answer_depends_on():
-    """focus_cells (stage 0's attention target) checked against each category's answer."""
+def test_word_cells_are_the_cells_the_answer_depends_on():
+    """word_cells (the look target of stage 0's grounding hints) checked against each answer."""
     for cat, cells, q, a in draw_questions(700, seed=2):
-        focus = data.focus_cells(q, cells)
-        kinds = [describe_cell(cells[k]) for k in focus]
-        assert focus == sorted(set(focus))
+        named = [w for w in re.findall(r"[a-z]+", q.lower()) if w in data.OBJECT_WORDS]
+        found = [data.word_cells(w, cells) for w in named]
+        kinds = [[describe_cell(cells[k]) for k in f] for f in found]
+        assert all(f == sorted(set(f)) for f in found)
         if cat == "exist":
-            assert len(focus) == (a == "yes")
+            assert len(named) == 1 and len(found[0]) == (a == "yes")
         elif cat == "count":
-            assert len(focus) == int(a) and all(d[0] == "object" for d in kinds)
+            assert len(named) == 1 and len(found[0]) == int(a) and all(d[0] == "object" for d in kinds[0])
         elif cat == "color":
-            assert [d[2] for d in kinds] == [a]
+            assert len(named) == 1 and [d[2] for d in kinds[0]] == [a]
         elif cat == "shape":
-            assert [d[1] for d in kinds] == [a]
+            assert len(named) == 1 and [d[1] for d in kinds[0]] == [a]
         elif cat == "position":
-            assert len(focus) == 2 and all(d[0] == "object" and f"{d[2]} {d[1]}" in q for d in kinds)
+            assert len(named) == 2 and [len(f) for f in found] == [1, 1]
         elif cat == "text":
-            assert "".join(d[1] for d in kinds) == a
-        else:  # reason: every object of the two compared groups, and no other cell
-            words = re.findall(r"more (\w+)(?: objects)? than (\w+)", q)[0]
-            names = lambda d: {d[1], PLURALS[SHAPES.index(d[1])], d[2]}
-            assert all(d[0] == "object" and names(d) & set(words) for d in kinds)
-            others = [describe_cell(c) for k, c in enumerate(cells) if k not in focus]
-            assert not any(d[0] == "object" and names(d) & set(words) for d in others)
-    assert data.focus_cells("What color is the circle?", None) == []
-    batch = collate([sample_at(CFG, "train", 0, i) for i in range(7)])
-    for k in range(7):
-        s = sample_at(CFG, "train", 0, k)
-        assert batch["focus"][k].nonzero().flatten().tolist() == data.focus_cells(s.question, s.cells)
+            assert named == ["text"] and "".join(d[1] for d in kinds[0]) == a
+        else:  # reason: "more X than Y" is yes exactly when X names more cells
+            assert len(named) == 2 and (len(found[0]) > len(found[1])) == (a == "yes")
+    with pytest.raises(ValueError, match="word must be one of"):
+        data.word_cells("object", cells)

@@ -10,10 +10,14 @@ import torch
 
 import data
 import distill
+from grounding import GroundingConfig
 from model import Model, ModelConfig, make_layers
 from seed import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+SMALL_GROUNDING = GroundingConfig(look=(0, 0), gather_first=(1, 0), gather_last=(1, 3), read=(2, 0))
 
 
 def tiny_cfg(layers=("attn",) * 3):
@@ -124,53 +128,6 @@ def test_answer_ce_counts_answer_tokens_only():
     assert n.item() == 3 and total.item() == pytest.approx(3 * math.log(10))
 
 
-def test_focus_loss_matches_a_hand_computed_target():
-    """Stage 0's focus loss against its definition written out per sample: the head's attention on
-    the question's tokens and the four after it, target 1/(n+1) on <s> and on each focus cell."""
-    torch.manual_seed(0)
-    model = Model(tiny_cfg())
-    samples = [data.sample_at(data.DataConfig(), "train", 3, i) for i in range(7)]  # one per category
-    batch = data.collate(samples)
-    _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
-    got = distill.focus_loss(model, hidden, batch, layer=1, head=3, tokens="question")
-    want = 0.0
-    for k, s in enumerate(samples):
-        prompt = data.prompt_ids(s.question)                          # the answer starts after it
-        image_pos = [t for t, i in enumerate(prompt) if i == data.IMG_CONTEXT_ID]
-        block = model.layers[1]
-        u = block.attention_norm(hidden[1][k:k + 1, :len(prompt)])
-        n_q = len(data.TOKENIZER.encode(s.question))                  # question, <|im_end|>, <|im_start|>, "assistant", "\n"
-        rows = block.mixer.probs(u, 3)[0, -(n_q + 4):]
-        assert data.TOKENIZER.decode(prompt[-(n_q + 4):]) == s.question + "<|im_end|><|im_start|>assistant\n"
-        keys = [0] + [image_pos[c] for c in data.focus_cells(s.question, s.cells)]
-        want -= sum(row[t].log() for row in rows for t in keys) / len(keys) / len(rows)
-    assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    nouns = distill.focus_loss(model, hidden, batch, layer=1, head=3, tokens="nouns")
-    want = 0.0                                                        # only on the words ending an object phrase
-    for k, s in enumerate(samples):
-        prompt = data.prompt_ids(s.question)
-        words = [t for t, i in enumerate(prompt) if data.TOKENIZER.decode([i]).strip() in
-                 data.SHAPES + data.PLURALS + ("object", "objects", "text")]
-        assert words                                                  # every question names something
-        block = model.layers[1]
-        p = block.mixer.probs(block.attention_norm(hidden[1][k:k + 1, :len(prompt)]), 3)[0]
-        image_pos = [t for t, i in enumerate(prompt) if i == data.IMG_CONTEXT_ID]
-        keys = [0] + [image_pos[c] for c in data.focus_cells(s.question, s.cells)]
-        want -= sum(p[w, t].log() for w in words for t in keys) / len(keys) / len(words)
-    assert nouns.item() == pytest.approx(want.item(), rel=1e-5)
-    # a user's question that names no object (known cells, no noun token) adds nothing, not NaN
-    odd = data.Sample(samples[0].image, "What is in the image?", "shapes", "custom", samples[0].cells)
-    batch2 = data.collate(samples + [odd])
-    _, hidden2 = model(batch2["input_ids"], batch2["pixel_values"], return_hidden=True)
-    with_odd = distill.focus_loss(model, hidden2, batch2, layer=1, head=3, tokens="nouns")
-    assert with_odd.item() == pytest.approx(nouns.item(), rel=1e-5)
-    got.backward()                                                    # layers above the head get nothing
-    assert all(p.grad is None for p in model.layers[2].parameters())
-    assert model.layers[0].mixer.wq.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="focus_layer 3"):
-        distill.Objective(0, model, None, distill.DistillConfig(stage=0, focus_weight=1.0, focus_layer=3))
-
-
 def test_wsd_schedule():
     cfg = distill.DistillConfig(stage=1, steps=100, lr=1.0)
     lrs = [distill.wsd_lr(s, cfg) for s in range(100)]
@@ -183,8 +140,8 @@ def test_wsd_schedule():
 
 def test_stage0_loss_falls(tmp_path):
     torch.manual_seed(0)
-    cfg = distill.DistillConfig(stage=0, out=str(tmp_path), steps=12, batch_size=8, lr=3e-3, save_every=100,
-                                focus_weight=1.0, focus_layer=1, embed_std=0.5)
+    cfg = distill.DistillConfig(stage=0, out=str(tmp_path), steps=12, batch_size=8, lr=1e-2, save_every=100,
+                                ground_weight=1.0, embed_std=0.5, grounding=SMALL_GROUNDING)
     student = distill.train_stage(cfg, student=Model(tiny_cfg()))
     losses = student.train_losses
     assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3])

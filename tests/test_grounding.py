@@ -1,0 +1,129 @@
+"""Tests of grounding.py: the stage-0 grounding loss against its definition written out by hand."""
+import dataclasses
+
+import pytest
+import torch
+
+import data
+import distill
+import grounding
+from grounding import GroundingConfig, attention_on_target, grounding_loss
+from model import Model, ModelConfig
+
+TOK = data.TOKENIZER
+ROLES = GroundingConfig(look=(0, 1), gather_first=(1, 0), gather_last=(1, 3), read=(0, 2))
+
+
+def tiny(layers=("attn",) * 3):
+    return Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID, hidden_size=32,
+                             intermediate_size=64, n_heads=4, n_kv_heads=2, layers=list(layers), ssd_chunk_size=16))
+
+
+def hand_attributes(cells, named):
+    """count (capped at 5); colour, shape, row, column of a single object; -100 otherwise."""
+    kinds = [data.describe_cell(cells[c]) for c in named]
+    if len(named) == 1 and kinds[0][0] == "object":
+        return [1, data.COLOR_NAMES.index(kinds[0][2]), data.SHAPES.index(kinds[0][1]), named[0] // 8, named[0] % 8]
+    return [min(len(named), 5)] + [-100] * 4
+
+
+def probe_ce(linear, h, labels):
+    """Summed CE over the attributes of one position; h (D,)."""
+    logits = linear(h / h.pow(2).mean().add(torch.finfo(h.dtype).eps).sqrt())
+    total, at = 0.0, 0
+    for j, label in enumerate(labels):
+        n = grounding.ATTRIBUTES[j % 5][1]
+        if label != -100:
+            total = total - logits[at:at + n].log_softmax(-1)[label]
+        at += n
+    return total
+
+
+def hand_loss(model, hidden, k, s, roles, probes):
+    """One sample's loss, from its question and cells, without grounding.targets."""
+    ids, _ = data.example_ids(s.question, s.answer)
+    prompt = data.prompt_ids(s.question)
+    q = TOK.encode(s.question)
+    assert TOK.decode(prompt[-(len(q) + 4):]) == s.question + "<|im_end|><|im_start|>assistant\n"
+    q0 = len(prompt) - len(q) - 4                                     # the question's first token
+    words = [(q0 + j, TOK.decode([i]).strip()) for j, i in enumerate(q)
+             if TOK.decode([i]).strip() in data.OBJECT_WORDS]
+    image = [t for t, i in enumerate(prompt) if i == data.IMG_CONTEXT_ID]
+    answer_from = range(len(prompt) - 1, len(ids) - 1)               # positions predicting answer + <|im_end|>
+
+    def p(role):
+        layer, head = getattr(roles, role)
+        block = model.layers[layer]
+        return block.mixer.probs(block.attention_norm(hidden[layer][k:k + 1, :len(ids)]), head)[0]
+
+    total = 0.0
+    if s.cells is not None and words:
+        look = p("look")
+        per_word = []
+        for t, w in words:
+            keys = [0] + [image[c] for c in data.word_cells(w, s.cells)]
+            per_word.append(-sum(look[t, key].log() for key in keys) / len(keys))
+        total = total + sum(per_word) / len(per_word)
+        after_look = hidden[roles.look[0] + 1][k]
+        total = total + sum(probe_ce(probes.look, after_look[t], hand_attributes(s.cells, data.word_cells(w, s.cells)))
+                            for t, w in words) / len(words)
+        after_gather = hidden[roles.gather_first[0] + 1][k]
+        both = (hand_attributes(s.cells, data.word_cells(words[0][1], s.cells))
+                + hand_attributes(s.cells, data.word_cells(words[-1][1], s.cells)))
+        total = total + sum(probe_ce(probes.answer, after_gather[t], both) for t in answer_from) / len(answer_from)
+    if words:
+        for role, (t_word, _) in (("gather_first", words[0]), ("gather_last", words[-1])):
+            rows = p(role)
+            total = total - sum(rows[t, t_word].log() for t in answer_from) / len(answer_from)
+    if s.cells is not None and s.category == "text":
+        glyphs = data.word_cells("text", s.cells)
+        rows = p("read")
+        total = total - sum(rows[len(prompt) - 1 + j, image[c]].log() for j, c in enumerate(glyphs)) / len(glyphs)
+        after_read = hidden[roles.read[0] + 1][k]
+        h = lambda t: after_read[t] / after_read[t].pow(2).mean().add(torch.finfo(after_read.dtype).eps).sqrt()
+        total = total - sum(probes.read(h(len(prompt) - 1 + j)).log_softmax(-1)[data.GLYPHS.index(ch)]
+                            for j, ch in enumerate(s.answer)) / len(glyphs)
+    return total
+
+
+def test_grounding_loss_matches_a_hand_computed_sum():
+    torch.manual_seed(0)
+    model = tiny()
+    samples = [data.sample_at(data.DataConfig(), "train", 3, i) for i in range(14)]  # two per category
+    # a user's sample without cells (gather only) and one whose question names nothing (adds 0)
+    samples += [data.Sample(samples[0].image, samples[1].question, "2", "custom", None),
+                data.Sample(samples[0].image, "What is in the image?", "shapes", "custom", samples[0].cells)]
+    batch = data.collate(samples)
+    _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
+    probes = grounding.Probes(32)
+    got = grounding_loss(model, hidden, batch, ROLES, probes)
+    want = sum(hand_loss(model, hidden, k, s, ROLES, probes) for k, s in enumerate(samples))
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()                                                    # the layer above the roles gets nothing
+    assert all(p.grad is None for p in model.layers[2].parameters())
+    assert model.layers[0].mixer.wq.weight.grad.abs().sum() > 0
+    assert all(p.weight.grad.abs().sum() > 0 for p in (probes.look, probes.answer, probes.read))
+
+
+def test_attention_on_target_reports_every_role_per_category():
+    """The progress measure: one entry per role and category with such queries; an untrained
+    model's heads spread their attention, so every mass is far below 1."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    batch = data.collate([data.sample_at(data.DataConfig(), "test", 0, i) for i in range(7)])
+    fresh = attention_on_target(model, batch, ROLES)
+    assert set(fresh) == {"look", "gather_first", "gather_last", "read"} and set(fresh["read"]) == {"text"}
+    assert all(v < 0.5 for per in fresh.values() for v in per.values())
+
+
+def test_roles_must_name_attention_heads():
+    with pytest.raises(ValueError, match="grounding role read"):
+        dataclasses.replace(ROLES, read=(3, 0)).check(tiny().cfg)
+    with pytest.raises(ValueError, match="grounding role look"):
+        dataclasses.replace(ROLES, look=(0, 4)).check(tiny().cfg)
+    with pytest.raises(ValueError, match="grounding role look"):
+        ROLES.check(tiny(("mamba2", "attn", "attn")).cfg)
+    with pytest.raises(ValueError, match="look must be a"):
+        GroundingConfig(look=(0,))
+    with pytest.raises(ValueError, match="grounding role"):
+        distill.Objective(0, tiny(), None, distill.DistillConfig(stage=0, ground_weight=1.0))  # default roles: 8 layers
