@@ -23,11 +23,11 @@ the teacher's attention back in the kept layers. A run folder holds one folder p
 and `stageK/summary.json`. Each stage starts from the previous stage's model in the same folder.
 
 Run:
-    python distill.py --stage 0 --out runs/teacher          # train the teacher (3,000 steps, ~75 min on 2 cores)
+    python distill.py --stage 0 --out runs/teacher          # train the teacher (2,500 steps, ~70 min on 2 cores)
     python distill.py --stage 1                             # then 2, 3; or --stage all
     python distill.py --stage all --layers hybrid --n-attn 2 --placement head-interleaved
     python distill.py --eval checkpoints/teacher            # accuracy table of any checkpoint
-    python distill.py --stage 0 --ground-weight 1 --embed-std 0.5   # stage 0 with grounding hints
+    python distill.py --stage 0 --ground-weight 0 --embed-std 0.02  # stage 0 without grounding hints
     torchrun --nproc_per_node=2 distill.py --stage 1        # data parallel (gloo on CPU, NCCL on GPU)
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ STAGE_PARAMS = {1: STAGE1_PARAMS, 2: STAGE2_PARAMS, 3: STAGE3_PARAMS}
 # above the teacher learnt nothing from the image in 3,000 steps; at 5e-4 it learns to read the text
 # (experiments/README.md). 3,000 steps of batch 32 take ~75 minutes on 2 cores.
 STAGE_DEFAULTS = {  # stage: (steps, lr, batch size)
-    0: (3000, 5e-4, 32),
+    0: (2500, 5e-4, 32),
     1: (300, 3e-3, 16),
     2: (300, 1e-3, 16),
     3: (300, 3e-4, 16),
@@ -92,9 +92,9 @@ class DistillConfig:
     mse_scale: float = 1000.0              # stage 1-2 loss scale, as in the paper's code
     kl_tokens: str = "all"                 # stage 3: KL on "all" non-padding tokens or "answer" tokens only
     aux_weight: float = 1.0                # stage 0: weight of the per-cell auxiliary loss
-    ground_weight: float = 0.0             # stage 0: weight of the grounding hints (grounding.py; 0: off)
+    ground_weight: float = 1.0             # stage 0: weight of the grounding hints (grounding.py; 0: off)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)  # stage 0: which heads the hints guide
-    embed_std: float = 0.02                # stage 0: std of the fresh token embeddings
+    embed_std: float = 0.5                 # stage 0: std of the fresh token embeddings
     seed: int = 0
     data_seed: int = 0                     # training data stream (test data uses split "test")
     eval_per_category: int = 50            # test questions per category after each stage
@@ -569,8 +569,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch size (default per stage)")
     p.add_argument("--kl-tokens", default="all", choices=["all", "answer"], help="stage 3: tokens the KL is taken on")
     p.add_argument("--aux-weight", type=float, default=1.0, help="stage 0: weight of the per-cell auxiliary loss")
-    p.add_argument("--embed-std", type=float, default=0.02, help="stage 0: std of the fresh token embeddings")
-    p.add_argument("--ground-weight", type=float, default=0.0, help="stage 0: weight of the grounding hints (grounding.py; 0: off)")
+    p.add_argument("--embed-std", type=float, default=0.5, help="stage 0: std of the fresh token embeddings")
+    p.add_argument("--ground-weight", type=float, default=1.0, help="stage 0: weight of the grounding hints (grounding.py; 0: off)")
     p.add_argument("--eval-per-category", type=int, default=50, help="test questions per category after a stage")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation")
