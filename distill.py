@@ -62,8 +62,8 @@ AUX_SCALE = 16.0  # stage 0: logit scale of the cosine cell classifier
 STAGE_PARAMS = {1: STAGE1_PARAMS, 2: STAGE2_PARAMS, 3: STAGE3_PARAMS}
 
 # Per-stage defaults, tuned for the bundled tiny teacher on a 2-core CPU. Stage 0's lr: at 1e-3 and
-# above the teacher learnt nothing from the image in 3,000 steps; at 5e-4 it learns to read the text
-# (experiments/README.md). 3,000 steps of batch 32 take ~75 minutes on 2 cores.
+# above the teacher learnt nothing from the image in 3,000 steps (experiments/README.md); at 5e-4
+# with the grounding hints, 2,500 steps of batch 32 take ~70 minutes on 2 cores.
 STAGE_DEFAULTS = {  # stage: (steps, lr, batch size)
     0: (2500, 5e-4, 32),
     1: (300, 3e-3, 16),
@@ -340,7 +340,7 @@ def initial_student(cfg: DistillConfig, teacher: Model | None) -> Model:
         model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
         # Token embeddings of std 0.02 (norm ~0.3) drown under what layer 0 adds from the image
         # tokens (norm ~7 at text positions after 550 steps), and the question's words get lost;
-        # std 0.5 keeps them readable (experiments/README.md), not yet shown to raise accuracy.
+        # std 0.5 keeps them readable (experiments/README.md; part of the bundled teacher's recipe).
         if cfg.embed_std != model.cfg.init_std:    # (equal: the init as before, bit for bit)
             with torch.no_grad():
                 model.embed_tokens.weight.normal_(0.0, cfg.embed_std)

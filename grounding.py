@@ -95,10 +95,10 @@ class GroundingConfig:
                                  f"attention layer of the model (layers {cfg.layers}, {cfg.n_heads} heads)")
 
 
-def targets(batch: dict) -> dict:
-    """Per role: (target (b, T, T) float, queries (b, T) bool); row t of a target is the
-    distribution over keys that query position t should attend to (rows outside `queries` are 0).
-    And "probes": {"look": (labels (b, T, 5), queries), "answer": (labels (b, T, 10), queries),
+def targets(batch: dict) -> tuple[dict, dict]:
+    """(roles, probes). roles: per role, (target (b, T, T) float, queries (b, T) bool); row t of a
+    target is the distribution over keys that query position t should attend to (rows outside
+    `queries` are 0). probes: {"look": (labels (b, T, 5), queries), "answer": (labels (b, T, 10), queries),
     "read": (labels (b, T, 1), queries)}: the ATTRIBUTES of the named cells (first then last object
     word for "answer"), the index in data.GLYPHS of the glyph read."""
     ids, labels, cells = batch["input_ids"], batch["labels"], batch["cells"]  # (b, T), (b, T), (b, n)
@@ -150,8 +150,7 @@ def targets(batch: dict) -> dict:
                     put("read", k, t - 1, [image[c]])
                     probe["read"][0][k, t - 1, 0] = data.GLYPHS.index(data.describe_cell(cells[k, c].item())[1])
                     probe["read"][1][k, t - 1] = True
-    out["probes"] = probe
-    return out
+    return out, probe
 
 
 def role_probs(model: Model, hidden: list, layer: int, head: int) -> torch.Tensor:
@@ -191,8 +190,7 @@ def grounding_loss(model: Model, hidden: list, batch: dict, cfg: GroundingConfig
     the residual after the look layer and after the gather layer. `hidden` from
     model(..., return_hidden=True)."""
     total = hidden[0].new_zeros(())
-    found = targets(batch)
-    probe = found.pop("probes")
+    found, probe = targets(batch)
     if probes is not None:
         for name, layer in (("look", cfg.look[0]), ("answer", max(cfg.gather_first[0], cfg.gather_last[0])),
                             ("read", cfg.read[0])):
@@ -218,8 +216,7 @@ def attention_on_target(model: Model, batch: dict, cfg: GroundingConfig) -> dict
     look's best is n/(n+1) on the cells plus 1/(n+1) on <s>, i.e. 1 in total."""
     _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
     result = {}
-    found = targets(batch)
-    found.pop("probes")
+    found, _ = targets(batch)
     for role, (target, queries) in found.items():
         layer, head = cfg.roles()[role]
         p = role_probs(model, hidden, layer, head).float()

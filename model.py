@@ -440,7 +440,7 @@ class Attention(nn.Module):
     def probs(self, u: torch.Tensor, head: int) -> torch.Tensor:
         """The attention map softmax(q_h k^T / sqrt(P)) of query head `head` over a whole sequence
         with the causal mask, (b, L, L): row t says how token t spreads its attention over tokens
-        0..t (stage 0 supervises one head with it; `heads` never builds it)."""
+        0..t (stage 0's grounding hints supervise heads with it; `heads` never builds it)."""
         cfg = self.cfg
         b, L, _ = u.shape
         H, Hkv, P = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
