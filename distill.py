@@ -223,6 +223,18 @@ def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mas
     return (kl * mask).sum(), mask.sum().to(torch.float32)
 
 
+def kl_mask(batch: dict, kl_tokens: str) -> torch.Tensor:
+    """Stage 3: the positions whose logits the KL is taken on, (b, L) bool. "all": every
+    non-padding token; "answer": the positions that predict an answer token or <|im_end|>, i.e.
+    answer_mask shifted left by one (logits[t] predict token t+1, as in answer_ce)."""
+    if kl_tokens == "all":
+        return batch["attention_mask"]
+    answer = batch["answer_mask"]                                      # (b, L)
+    mask = torch.zeros_like(answer)
+    mask[:, :-1] = answer[:, 1:]
+    return mask
+
+
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
     """Stage 0: next-token cross-entropy summed over answer tokens, and their number."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]           # logits[t] predicts labels[t+1]
@@ -271,8 +283,7 @@ class Objective(nn.Module):
             return layerwise_loss(s, teacher, batch, self.layers, self.cfg.mse_scale)
         with torch.no_grad():
             t_logits = teacher(batch["input_ids"], batch["pixel_values"])
-        mask = batch["answer_mask"] if self.cfg.kl_tokens == "answer" else batch["attention_mask"]
-        return kl_per_token(t_logits, s(batch["input_ids"], batch["pixel_values"]), mask)
+        return kl_per_token(t_logits, s(batch["input_ids"], batch["pixel_values"]), kl_mask(batch, self.cfg.kl_tokens))
 
 
 # ----------------------------------------------------------------------------------------------

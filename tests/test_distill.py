@@ -121,6 +121,26 @@ def test_kl_known_pair_per_token():
     assert (total / n).item() == pytest.approx(by_hand / 2, rel=1e-6)
 
 
+def test_kl_answer_mask_is_the_positions_that_predict_answer_tokens():
+    # oracle: logits[t] predict token t+1, so the answer-only KL must see exactly the positions t
+    # with labels[t+1] scored (the positions answer_ce uses), and nothing else
+    dcfg = data.DataConfig()
+    batch = data.collate([data.sample_at(dcfg, "train", 0, i) for i in range(4)])
+    b, L = batch["input_ids"].shape
+    predicts_answer = torch.zeros(b, L, dtype=torch.bool)
+    predicts_answer[:, :-1] = batch["labels"][:, 1:] != data.IGNORE_INDEX
+    torch.manual_seed(0)
+    t = torch.randn(b, L, 7)
+    on_answer = torch.where(predicts_answer[..., None], t + torch.randn(b, L, 7), t)
+    off_answer = torch.where(predicts_answer[..., None], t, t + torch.randn(b, L, 7))
+    mask = distill.kl_mask(batch, "answer")
+    total_on, n = distill.kl_per_token(t, on_answer, mask)
+    total_off, _ = distill.kl_per_token(t, off_answer, mask)
+    assert n.item() == predicts_answer.sum().item() == (batch["labels"] != data.IGNORE_INDEX).sum().item()
+    assert total_on.item() > 0 and total_off.item() == 0.0
+    assert torch.equal(distill.kl_mask(batch, "all"), batch["attention_mask"])
+
+
 def test_answer_ce_counts_answer_tokens_only():
     labels = torch.tensor([[-100, -100, 4, 7], [-100, 5, -100, -100]])
     logits = torch.zeros(2, 4, 10)
