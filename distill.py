@@ -66,7 +66,7 @@ STAGE_PARAMS = {1: STAGE1_PARAMS, 2: STAGE2_PARAMS, 3: STAGE3_PARAMS}
 # with the grounding hints, 2,500 steps of batch 32 take ~70 minutes on 2 cores. Stages 1-3 (sweeps
 # in README "Distillation"): stage 1 at lr 5e-3 reaches the 5x MSE reduction in 300 steps; stage 2
 # needs 600 steps at 3e-3 before the look head (layer 2) stops losing count/exist; stage 3 gains up
-# to ~1,000 steps at 3e-4 (600 steps at 1e-3 is worse). About 10 minutes for all three on 2 cores.
+# to ~1,000 steps at 3e-4 (600 steps at 1e-3 is worse). All three: 11m28s on 2 cores (README).
 STAGE_DEFAULTS = {  # stage: (steps, lr, batch size)
     0: (2500, 5e-4, 32),
     1: (300, 5e-3, 16),
