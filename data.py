@@ -30,14 +30,15 @@ On disk: LLaVA-style JSONL with PNG images beside it (paths relative to the JSON
     {"image": "images/000123.png", "category": "count", "cells": [...64 ints...],
      "conversations": [{"from": "human", "value": "<image>\\nHow many circles are there?"},
                        {"from": "gpt", "value": "3"}]}
-`load_jsonl` reads this and a user's own LLaVA-style file (no `cells` and no `category` needed).
+`load_jsonl` reads this and a user's own LLaVA-style file (no `cells` and no `category` needed;
+several human / gpt pairs make a multi-turn sample, every answer trained on, the last one scored).
 
 Tokenizer: word level over the benchmark's closed vocabulary, with a fallback for anything else
 (a known single character, else its UTF-8 bytes), so any text encodes and decodes exactly, and no
-vocabulary is downloaded. Chat template (DESIGN section 4), one line per piece, no other spaces:
+vocabulary is downloaded. Chat template (HoVLE's InternLM2 chat format), no other spaces:
     <s><|im_start|>user\\n<img><IMG_CONTEXT> x 64</img>\\n{question}<|im_end|><|im_start|>assistant\\n
-    {answer}<|im_end|>
-The answer tokens and the closing <|im_end|> are the ones trained on (`answer_mask`, `labels`).
+    {answer}<|im_end|>   [<|im_start|>user\\n{question 2}<|im_end|><|im_start|>assistant\\n{answer 2}<|im_end|> ...]
+The answer tokens and their closing <|im_end|> are the ones trained on (`answer_mask`, `labels`).
 
 Run:
     python data.py                                           # preview samples, vocab, chance levels
@@ -110,13 +111,7 @@ def describe_cell(cls: int) -> tuple:
     return ("glyph", GLYPHS[cls - 1 - N_OBJECT_CLASSES])
 
 
-def num_image_tokens(image_size: int = 128, patch_size: int = 8, downsample: float = 0.5) -> int:
-    """Image tokens per image after patchify and pixel shuffle (HoVLE: 448 px, 14, 0.5 -> 256)."""
-    side = int(image_size // patch_size * downsample)
-    return side * side
-
-
-IMAGE_TOKENS = num_image_tokens()  # 64: one per 16 px cell
+IMAGE_TOKENS = (128 // 8 // 2) ** 2  # 64: 128 px, 8 px patches, pixel shuffle 0.5: one token per 16 px cell
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,11 +246,13 @@ def pixel_values(image: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Sample:
     image: torch.Tensor  # uint8 (3, S, S)
-    question: str  # without the "<image>" placeholder; the template puts the image first
-    answer: str
+    turns: list  # [(question, answer), ...]: the human / gpt pairs; the question has no "<image>"
     category: str = "custom"
-    cells: list[int] | None = None  # per-cell classes, row-major; None when unknown
+    cells: list | None = None  # per-cell classes, row-major; None when unknown
     source: str = ""  # "file:line" for loaded samples, "split/seed/index" for synthetic ones
+
+    question = property(lambda self: self.turns[-1][0])  # the turn that is scored
+    answer = property(lambda self: self.turns[-1][1])
 
 
 def _scene(rng: random.Random, cfg: DataConfig, required: list[tuple[int, int]],
@@ -382,13 +379,6 @@ GENERATORS = {"exist": _gen_exist, "count": _gen_count, "color": _gen_color, "sh
               "position": _gen_position, "text": _gen_text, "reason": _gen_reason}
 
 
-def make_sample(rng: random.Random, cfg: DataConfig, category: str | None = None) -> Sample:
-    """Draw one sample of `category` (random among cfg.categories when None) in memory."""
-    category = category or rng.choice(cfg.categories)
-    cells, question, answer = GENERATORS[category](rng, cfg)
-    return Sample(image_to_tensor(draw_scene(cells, cfg)), question, answer, category, cells)
-
-
 def sample_rng(split: str, seed: int, index: int) -> random.Random:
     """The generator of sample `index`: a pure function of (split, seed, index), so train and test
     never share a stream even with the same seed, and any sample is redrawn without the others."""
@@ -396,28 +386,11 @@ def sample_rng(split: str, seed: int, index: int) -> random.Random:
 
 
 def sample_at(cfg: DataConfig, split: str, seed: int, index: int) -> Sample:
-    """Sample `index` of a synthetic split: categories go round-robin, so splits are balanced."""
+    """Sample `index` of a synthetic split (about a millisecond): categories go round-robin."""
     category = cfg.categories[index % len(cfg.categories)]
-    sample = make_sample(sample_rng(split, seed, index), cfg, category)
-    sample.source = f"{split}/{seed}/{index}"
-    return sample
-
-
-class SyntheticDataset(torch.utils.data.Dataset):
-    """Samples drawn on the fly (about a millisecond each): training needs no disk I/O. Item i is
-    always the same sample, so a run resumes by index and DataLoader workers need no seeding."""
-
-    def __init__(self, cfg: DataConfig | None = None, split: str = "train", seed: int = 0,
-                 length: int = 10**9):
-        self.cfg, self.split, self.seed, self.length = cfg or DataConfig(), split, seed, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Sample:
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        return sample_at(self.cfg, self.split, self.seed, index)
+    cells, question, answer = GENERATORS[category](sample_rng(split, seed, index), cfg)
+    return Sample(image_to_tensor(draw_scene(cells, cfg)), [(question, answer)], category, cells,
+                  f"{split}/{seed}/{index}")
 
 
 # The words by which a question names objects: one attribute each ("circle", "squares", "red"
@@ -448,98 +421,82 @@ class DataError(ValueError):
 
 
 def write_dataset(out: str | Path, n: int, seed: int = 0, split: str = "train",
-                  cfg: DataConfig | None = None, progress: bool = True) -> Path:
+                  cfg: DataConfig | None = None) -> Path:
     """Write samples 0..n-1 of (split, seed) as out/data.jsonl plus out/images/*.png."""
     cfg = cfg or DataConfig()
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    width = max(6, len(str(n - 1)))
-    path = out / "data.jsonl"
-    with open(path, "w") as f:
-        for i in tqdm(range(n), desc=f"writing {path}", disable=not progress):
+    with open(out / "data.jsonl", "w") as f:
+        for i in tqdm(range(n), desc=f"writing {out / 'data.jsonl'}"):
             s = sample_at(cfg, split, seed, i)
-            name = f"images/{i:0{width}d}.png"
+            name = f"images/{i:06d}.png"
             Image.fromarray(s.image.permute(1, 2, 0).numpy()).save(out / name)
-            record = {"id": s.source, "image": name, "category": s.category, "cells": s.cells,
-                      "conversations": [{"from": "human", "value": "<image>\n" + s.question},
-                                        {"from": "gpt", "value": s.answer}]}
-            f.write(json.dumps(record) + "\n")
-    return path
+            f.write(json.dumps({"id": s.source, "image": name, "category": s.category, "cells": s.cells,
+                                "conversations": [{"from": "human", "value": "<image>\n" + s.question},
+                                                  {"from": "gpt", "value": s.answer}]}) + "\n")
+    return out / "data.jsonl"
 
 
-def _question_text(value: str) -> str:
-    """Human turn -> question: drop the "<image>" placeholder (the template puts the image first)."""
-    if value.startswith("<image>\n"):
-        return value[len("<image>\n"):]
-    return value.replace("<image>", "").strip()
-
-
-def load_jsonl(path: str | Path, image_size: int = 128, image_root: str | Path | None = None,
-               n_cells: int = IMAGE_TOKENS) -> list[Sample]:
-    """Read a LLaVA-style JSONL file (ours or a user's). Images are read with pillow, converted to
-    RGB and resized (bicubic, aspect ratio not kept) to image_size; relative image paths are taken
-    from image_root, by default the JSONL's folder. The first human turn is the question, the first
-    gpt turn after it the answer; further turns are ignored. `category` defaults to "custom",
-    `cells` to None. Bad records raise DataError naming the file and line."""
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    samples = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text ({e.reason})") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            turns = rec.get("conversations")
-            if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-                raise DataError(f"{where}: 'conversations' must be a list of "
-                                f"{{\"from\": ..., \"value\": ...}} objects")
-            roles = [str(t.get("from", "")).lower() for t in turns]
-            q = next((k for k, r in enumerate(roles) if r in ("human", "user")), None)
-            if q is None:
-                raise DataError(f"{where}: conversation has no question (no 'human' turn)")
-            a = next((k for k in range(q + 1, len(turns)) if roles[k] in ("gpt", "assistant")), None)
-            if a is None or not str(turns[a].get("value", "")).strip():
-                raise DataError(f"{where}: conversation without an answer (no 'gpt' turn after "
-                                f"the question)")
-            image = _load_image(rec.get("image"), root, image_size, where)
-            cells = rec.get("cells")
-            if cells is not None and not _valid_cells(cells, n_cells):
-                raise DataError(f"{where}: 'cells' must be a list of {n_cells} ints in "
-                                f"[0, {NUM_CELL_CLASSES}) or {IGNORE_INDEX}")
-            samples.append(Sample(image, _question_text(str(turns[q].get("value", ""))),
-                                  str(turns[a]["value"]).strip(), str(rec.get("category", "custom")),
-                                  cells, where))
-    return samples
-
-
-def _valid_cells(cells, n_cells: int) -> bool:
-    return (isinstance(cells, list) and len(cells) == n_cells and
-            all(type(x) is int and (0 <= x < NUM_CELL_CLASSES or x == IGNORE_INDEX) for x in cells))
-
-
-def _load_image(name, root: Path, image_size: int, where: str) -> torch.Tensor:
-    if not isinstance(name, str) or not name:
-        raise DataError(f"{where}: record has no 'image' path")
-    file = root / name
-    if not file.is_file():
-        raise DataError(f"{where}: image file not found: {file}")
+def load_image(file: str | Path, image_size: int = 128) -> torch.Tensor:
+    """An image file as uint8 (3, S, S): RGB, resized (bicubic, aspect ratio not kept) to image_size.
+    DataError naming the file if it is missing or unreadable."""
+    if not Path(file).is_file():
+        raise DataError(f"{file}: no such image file")
     try:
         with Image.open(file) as im:
             im = im.convert("RGB")
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise DataError(f"{where}: cannot read image {file}: {e}") from None
+        raise DataError(f"{file}: cannot read the image ({e})") from None
     if im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.BICUBIC)
     return image_to_tensor(im)
+
+
+def load_jsonl(path: str | Path, image_size: int = 128) -> list[Sample]:
+    """Read a LLaVA-style JSONL file (ours or a user's). Every human turn followed by a gpt turn is
+    one (question, answer) pair, in order; the "<image>" placeholder is dropped (the template puts
+    the image first). Relative image paths are taken from the JSONL's folder. `category` defaults to
+    "custom", `cells` to None. A bad record raises DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    samples = []
+    for lineno, raw in enumerate(open(path, "rb"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text ({e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if rec is None:
+            continue
+        turns = rec.get("conversations") if isinstance(rec, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise DataError(f"{where}: expected an object whose 'conversations' is a list of "
+                            f'{{"from": ..., "value": ...}} objects')
+        pairs, question = [], None
+        for t in turns:
+            role, value = str(t.get("from", "")).lower(), str(t.get("value", "")).strip()
+            if role in ("human", "user"):
+                question = value.replace("<image>\n", "").replace("<image>", "").strip()
+            elif role in ("gpt", "assistant") and question is not None and value:
+                pairs.append((question, value))
+                question = None
+        if not pairs:
+            raise DataError(f"{where}: no question with an answer (a 'human' turn followed by a 'gpt' turn)")
+        if not isinstance(rec.get("image"), str) or not rec["image"]:
+            raise DataError(f"{where}: record has no 'image' path")
+        cells = rec.get("cells")
+        if cells is not None and not (isinstance(cells, list) and len(cells) == IMAGE_TOKENS and all(
+                type(x) is int and (0 <= x < NUM_CELL_CLASSES or x == IGNORE_INDEX) for x in cells)):
+            raise DataError(f"{where}: 'cells' must be a list of {IMAGE_TOKENS} ints in [0, {NUM_CELL_CLASSES}) or -100")
+        try:
+            image = load_image(path.parent / rec["image"], image_size)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        samples.append(Sample(image, pairs, str(rec.get("category", "custom")), cells, where))
+    return samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,42 +592,37 @@ IM_END_ID = TOKENIZER.im_end_id
 # Chat template and batching
 
 
-def prompt_ids(question: str, tok: Tokenizer = TOKENIZER, n_image_tokens: int = IMAGE_TOKENS
-               ) -> list[int]:
-    """<s><|im_start|>user\\n<img><IMG_CONTEXT>*n</img>\\n{question}<|im_end|><|im_start|>assistant\\n"""
-    return ([tok.bos_id, tok.im_start_id] + tok.encode("user\n") + [tok.img_start_id]
-            + [tok.img_context_id] * n_image_tokens + [tok.img_end_id] + tok.encode("\n" + question)
-            + [tok.im_end_id, tok.im_start_id] + tok.encode("assistant\n"))
+def chat_ids(turns: Sequence, tok: Tokenizer = TOKENIZER, n_image_tokens: int = IMAGE_TOKENS,
+             last_answer: bool = True) -> tuple[list[int], list[bool]]:
+    """The template's token ids of (question, answer) turns, the image in the first, and a mask that
+    is True on the answer tokens and their <|im_end|>. last_answer=False leaves the last answer
+    out: the prompt that generation continues."""
+    ids, mask = [tok.bos_id], [False]
+    for k, (question, answer) in enumerate(turns):
+        user = ([tok.im_start_id] + tok.encode("user\n") + ([tok.img_start_id] + [tok.img_context_id] *
+                n_image_tokens + [tok.img_end_id] + tok.encode("\n") if k == 0 else []) + tok.encode(question)
+                + [tok.im_end_id, tok.im_start_id] + tok.encode("assistant\n"))
+        ids, mask = ids + user, mask + [False] * len(user)
+        if last_answer or k < len(turns) - 1:
+            reply = tok.encode(answer) + [tok.im_end_id]
+            ids, mask = ids + reply, mask + [True] * len(reply)
+    return ids, mask
 
 
-def example_ids(question: str, answer: str, tok: Tokenizer = TOKENIZER,
-                n_image_tokens: int = IMAGE_TOKENS) -> tuple[list[int], list[bool]]:
-    """Prompt + answer + <|im_end|>, and a mask that is True on the answer tokens and <|im_end|>."""
-    prompt = prompt_ids(question, tok, n_image_tokens)
-    answer_ids = tok.encode(answer) + [tok.im_end_id]
-    return prompt + answer_ids, [False] * len(prompt) + [True] * len(answer_ids)
-
-
-def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
-            n_image_tokens: int = IMAGE_TOKENS) -> dict:
-    """Batch for teacher forcing, right-padded with pad_id (usable as a DataLoader collate_fn):
-    input_ids (b, T) long, attention_mask (b, T) bool, answer_mask (b, T) bool (True on the answer
-    tokens and the closing <|im_end|>), labels (b, T) long (= input_ids on the answer, -100 elsewhere;
-    NOT shifted: logits[:, t] predicts labels[:, t + 1]), pixel_values (b, 3, S, S) float in [-1, 1],
-    cells (b, n_cells) long (-100 where unknown), category (list of str)."""
-    encoded = [example_ids(s.question, s.answer, tok, n_image_tokens) for s in samples]
-    T = max(len(ids) for ids, _ in encoded)
-    b = len(samples)
+def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER, n_image_tokens: int = IMAGE_TOKENS) -> dict:
+    """A batch for teacher forcing, right-padded with pad_id: input_ids (b, T) long, attention_mask
+    (b, T) bool, answer_mask (b, T) bool (True on the answer tokens and their <|im_end|>), labels
+    (b, T) long (input_ids on the answers, -100 elsewhere; NOT shifted: logits[:, t] predict
+    labels[:, t + 1]), pixel_values (b, 3, S, S) float in [-1, 1], cells (b, 64) long (-100 where
+    unknown), category (list of str)."""
+    encoded = [chat_ids(s.turns, tok, n_image_tokens) for s in samples]
+    T, b = max(len(ids) for ids, _ in encoded), len(samples)
     input_ids = torch.full((b, T), tok.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(b, T, dtype=torch.bool)
-    answer_mask = torch.zeros(b, T, dtype=torch.bool)
-    for k, (ids, mask) in enumerate(encoded):
-        input_ids[k, :len(ids)] = torch.tensor(ids)
-        attention_mask[k, :len(ids)] = True
+    attention_mask, answer_mask = torch.zeros(b, T, dtype=torch.bool), torch.zeros(b, T, dtype=torch.bool)
+    cells = torch.full((b, n_image_tokens), IGNORE_INDEX, dtype=torch.long)
+    for k, ((ids, mask), s) in enumerate(zip(encoded, samples)):
+        input_ids[k, :len(ids)], attention_mask[k, :len(ids)] = torch.tensor(ids), True
         answer_mask[k, :len(ids)] = torch.tensor(mask)
-    n_cells = next((len(s.cells) for s in samples if s.cells is not None), n_image_tokens)
-    cells = torch.full((b, n_cells), IGNORE_INDEX, dtype=torch.long)
-    for k, s in enumerate(samples):
         if s.cells is not None:
             cells[k] = torch.tensor(s.cells)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
@@ -695,7 +647,7 @@ GenerateFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 def score(generate: GenerateFn, samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
           batch_size: int = 32, max_new_tokens: int | None = None,
           n_image_tokens: int = IMAGE_TOKENS, progress: bool = False) -> dict:
-    """Greedy generation + exact match, accuracy per category.
+    """Greedy generation + exact match of the last turn's answer, accuracy per category.
 
     `generate(input_ids (b, T) long, pixel_values (b, 3, S, S), max_new_tokens, eos_id)` returns
     the new tokens (b, T_new); each row is cut at its first eos_id. Prompts are batched by equal
@@ -705,7 +657,7 @@ def score(generate: GenerateFn, samples: Sequence[Sample], tok: Tokenizer = TOKE
     categories, "predictions": [str per sample]}."""
     if max_new_tokens is None:
         max_new_tokens = max((len(tok.encode(s.answer)) for s in samples), default=0) + 1
-    prompts = [prompt_ids(s.question, tok, n_image_tokens) for s in samples]
+    prompts = [chat_ids(s.turns, tok, n_image_tokens, last_answer=False)[0] for s in samples]
     by_length = defaultdict(list)
     for k, p in enumerate(prompts):
         by_length[len(p)].append(k)
@@ -729,17 +681,21 @@ def score(generate: GenerateFn, samples: Sequence[Sample], tok: Tokenizer = TOKE
             "mean": sum(accuracy.values()) / max(1, len(accuracy)), "predictions": predictions}
 
 
-def format_table(result: dict, chance: dict[str, float] | None = None) -> str:
-    """The accuracy table of `score`'s result, with the chance level beside each category."""
+def format_table(results: dict, chance: dict[str, float] | None = None) -> str:
+    """One column per `score` result ({name: result}), one row per category, chance beside each."""
     chance = CHANCE if chance is None else chance
-    lines = [f"{'category':<10} {'n':>6} {'accuracy':>9} {'chance':>8}"]
-    for c, acc in result["accuracy"].items():
-        ch = f"{100 * chance[c]:7.1f}%" if c in chance else f"{'-':>8}"
-        lines.append(f"{c:<10} {result['n'][c]:>6} {100 * acc:8.1f}% {ch}")
-    mean_chance = [chance[c] for c in result["accuracy"] if c in chance]
-    mc = f"{100 * sum(mean_chance) / len(mean_chance):7.1f}%" if mean_chance else f"{'-':>8}"
-    lines.append(f"{'mean':<10} {sum(result['n'].values()):>6} {100 * result['mean']:8.1f}% {mc}")
-    return "\n".join(lines)
+    cats = list(dict.fromkeys(c for r in results.values() for c in r["accuracy"]))
+    pct = lambda x: f"{100 * x:8.1f}%" if x is not None else f"{'-':>9}"
+    lines = [f"{'category':<10}{'n':>6}{'chance':>9}" + "".join(f" {n[:13]:>13}" for n in results)]
+    for c in cats:
+        n = next(r["n"][c] for r in results.values() if c in r["n"])
+        lines.append(f"{c:<10}{n:>6}{pct(chance.get(c))}" + "".join(f" {pct(r['accuracy'].get(c)):>13}"
+                                                                    for r in results.values()))
+    known = [chance[c] for c in cats if c in chance]
+    mean_chance = sum(known) / len(known) if known else None
+    total = sum(next(iter(results.values()))["n"].values())
+    return "\n".join(lines + [f"{'mean':<10}{total:>6}{pct(mean_chance)}" + "".join(
+        f" {pct(r['mean']):>13}" for r in results.values())])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,8 +704,7 @@ def format_table(result: dict, chance: dict[str, float] | None = None) -> str:
 def main(argv: Sequence[str] | None = None):
     p = argparse.ArgumentParser(description="Write (or preview) the synthetic multimodal benchmark "
                                 "as LLaVA-style JSONL with PNG images.")
-    p.add_argument("--out", help="output folder for data.jsonl and images/; without it, print a "
-                   "preview of the benchmark")
+    p.add_argument("--out", help="output folder for data.jsonl and images/ (default: print a preview)")
     p.add_argument("--n", type=int, default=1400, help="number of samples (categories round-robin)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--split", choices=("train", "test"), default="train",
@@ -757,17 +712,14 @@ def main(argv: Sequence[str] | None = None):
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
-    cfg = DataConfig()
     if args.out:
-        path = write_dataset(args.out, args.n, args.seed, args.split, cfg)
-        print(f"wrote {args.n} samples to {path} ({IMAGE_TOKENS} image tokens per image)")
+        print(f"wrote {args.n} samples to {write_dataset(args.out, args.n, args.seed, args.split)}")
         return
-    print(f"{IMAGE_TOKENS} image tokens per image, {NUM_CELL_CLASSES} cell classes, "
-          f"vocabulary {VOCAB_SIZE} tokens\n")
-    for i in range(2 * len(cfg.categories)):
-        s = sample_at(cfg, args.split, args.seed, i)
+    print(f"{IMAGE_TOKENS} image tokens per image, {NUM_CELL_CLASSES} cell classes, vocabulary {VOCAB_SIZE}")
+    for i in range(14):
+        s = sample_at(DataConfig(), args.split, args.seed, i)
         print(f"{s.category:<9} {s.question:<70} -> {s.answer}")
-    print("\nchance levels: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items()))
+    print("chance: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items()))
 
 
 if __name__ == "__main__":

@@ -1,45 +1,55 @@
-"""Distillation: stage 0 (teacher training) and mmMamba's three stages, in one training loop.
+"""Distillation: mmMamba's three stages (Sec. 3.3), and stage 0 (training the teacher), in one loop.
 
-mmMamba (arXiv 2502.13145, Sec. 3.3) distils a trained decoder-only VLM into Mamba-2 in three
-stages. The stage decides which parameters train and which loss is used (DESIGN section 6):
+Stages 1 and 2 distil layer by layer with teacher forcing: every converted layer receives the
+TEACHER's hidden state, so all layers train at once in one pass and no layer sees another student
+layer's error. Stage 3 distils end to end. The recipe, all of it in the table `STAGES` below:
 
-    stage 0  (this project only: HoVLE's weights cannot be downloaded) train the all-attention
-             teacher: next-token cross-entropy on answer tokens + a per-image-token auxiliary
-             classification of what each grid cell holds (the grounding role of HoVLE's own
-             first stage); optionally (--ground-weight) grounding hints that tell three attention
-             heads where to look (grounding.py).
-    stage 1  layer-wise, new parameters only (W_dt, dt_bias, A_log, conv, W_G, norm): every layer
-             gets the TEACHER's normed hidden state (teacher forcing); MSE between the student
-             mixer's and the teacher attention's per-head outputs before W_O, averaged over layers.
-    stage 2  layer-wise, whole mixer: the same loss, W_Q, W_K, W_V train too.
-    stage 3  end-to-end: KL(teacher || student) on the logits, per token; the mixers' Q/K/V, gate,
-             norm, W_dt and conv train; A_log, dt_bias, W_O, MLPs, embeddings, LM head and kept
-             attention layers (hybrid) are frozen.
+    stage  trains, in every converted Mamba-2 mixer                 loss                      steps  lr    batch
+    0      the whole all-attention teacher (this project only)      answer CE + aux + hints   2500   5e-4  32
+    1      the NEW parameters: conv, W_dt, dt_bias, A_log, norm, W_G  layer MSE                 300    5e-3  16
+    2      NEW + W_Q, W_K, W_V                                      layer MSE                 600    3e-3  16
+    3      W_Q, W_K, W_V, conv, W_dt, norm, W_G (A_log, dt_bias freeze)  KL(teacher || student)  1000   3e-4  16
 
-Stages 1 and 2 train every layer's mixer (the student is all Mamba-2); stage 3 of a hybrid puts
-the teacher's attention back in the kept layers. A run folder holds one folder per stage:
-`stageK/ckpt.pt` (whole model, optimiser, step: an interrupted stage resumes with --resume),
-`stageK/model/` (config.json + model.safetensors, written when the stage ends), `stageK/log.jsonl`
-and `stageK/summary.json`. Each stage starts from the previous stage's model in the same folder.
+    layer MSE  mean over converted layers of ||student mixer - teacher attention||^2 per head before
+               W_O, on the teacher's normed hidden state, times 1000 (as the official code)
+    KL         KL(p_teacher || p_student) of the logits at temperature 1, per token
+W_O, the MLPs, norms, embeddings, LM head and (hybrid, stage 3) the kept attention layers never
+train. Stages 1-2 train every layer's mixer; stage 3 of a hybrid puts the teacher's attention
+back in the kept layers (`--placement auto` chooses them from data: `choose_attention_layers`).
+Optimiser: AdamW (betas 0.9, 0.95), weight decay 0.05 on matrices, gradient clip 2.0,
+warmup-stable-decay schedule. Stage 0 exists because HoVLE's weights cannot be downloaded here:
+it trains the bundled teacher on the synthetic benchmark (data.py), with an auxiliary per-image-
+token classifier and grounding hints (grounding.py).
+
+Where this follows the official code (github.com/hustvl/mmMamba: src/trainer/distill_every_layer.py
+for stages 1-2, src/stage3.py and src/trainer/default_lm.py for stage 3) and where not:
+  - the KL is normalised per token (the official `batchmean` on (b, L, V) sums over tokens);
+  - checkpoints hold the whole model, optimiser and step (the official code saved only trainable
+    tensors, which lost the stage-2 A and dt values), so an interrupted stage resumes exactly;
+  - padding tokens are masked out of the layer loss; SSD chunk size 64 (official 128); lr and steps
+    tuned for the tiny teacher on a CPU (official: 1e-3 / 5e-4 / 5e-5 for stages 1 / 2 / 3).
+
+A run folder holds one folder per stage: stageK/ckpt.pt (resume with --resume), stageK/model/ (the
+student when the stage ends), stageK/log.jsonl, stageK/summary.json; `--stage all` adds fidelity.png.
 
 Run:
-    python distill.py --stage 0 --out runs/teacher          # train the teacher (2,500 steps, ~70 min on 2 cores)
-    python distill.py --stage 1                             # then 2, 3; or --stage all
+    python distill.py --stage 1                    # then 2, 3 (each starts from the previous one)
+    python distill.py --stage all                  # 1, 2, 3 -> runs/linear
     python distill.py --stage all --layers hybrid --n-attn 2 --placement head-interleaved
-    python distill.py --eval checkpoints/teacher            # accuracy table of any checkpoint
-    python distill.py --stage 0 --ground-weight 0 --embed-std 0.02  # stage 0 without grounding hints
-    torchrun --nproc_per_node=2 distill.py --stage 1        # data parallel (gloo on CPU, NCCL on GPU)
+    python distill.py --eval checkpoints/teacher   # accuracy table of any checkpoint folder
+    python distill.py --stage 1 --data my.jsonl    # distil on your own LLaVA-style data
+    torchrun --nproc_per_node=2 distill.py --stage 1   # data parallel (gloo on CPU, NCCL on GPU)
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
-import sys
+import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -48,87 +58,59 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import grounding
 from convert import load_model
-from grounding import GroundingConfig, Probes, grounding_loss
-from model import Mamba2Mixer, Model, ModelConfig, PLACEMENTS, make_layers, _atomic_write, write_json
-from seed import MODES, convert, mixer_fidelity
-
-# Trainable parameters of a converted (Mamba-2) mixer per stage (DESIGN section 6).
-STAGE1_PARAMS = ("conv1d.weight", "conv1d.bias", "wdt.weight", "dt_bias", "A_log", "norm.weight", "wg.weight")
-STAGE2_PARAMS = STAGE1_PARAMS + ("wq.weight", "wk.weight", "wv.weight")
-STAGE3_PARAMS = ("conv1d.weight", "conv1d.bias", "wdt.weight", "norm.weight", "wg.weight",
-                 "wq.weight", "wk.weight", "wv.weight")
-AUX_SCALE = 16.0  # stage 0: logit scale of the cosine cell classifier
-STAGE_PARAMS = {1: STAGE1_PARAMS, 2: STAGE2_PARAMS, 3: STAGE3_PARAMS}
-
-# Per-stage defaults, tuned for the bundled tiny teacher on a 2-core CPU. Stage 0's lr: at 1e-3 and
-# above the teacher learnt nothing from the image in 3,000 steps (experiments/README.md); at 5e-4
-# with the grounding hints, 2,500 steps of batch 32 take ~70 minutes on 2 cores. Stages 1-3 (sweeps
-# in README "Distillation"): stage 1 at lr 5e-3 reaches the 5x MSE reduction in 300 steps; stage 2
-# needs 600 steps at 3e-3 before the look head (layer 2) stops losing count/exist; stage 3 gains up
-# to ~1,000 steps at 3e-4 (600 steps at 1e-3 is worse). All three: 11m28s on 2 cores (README).
-STAGE_DEFAULTS = {  # stage: (steps, lr, batch size)
-    0: (2500, 5e-4, 32),
-    1: (300, 5e-3, 16),
-    2: (600, 3e-3, 16),
-    3: (1000, 3e-4, 16),
-}
+from model import PLACEMENTS, Mamba2Mixer, Model, ModelConfig, make_layers
+from seed import MODES, fidelity_table, mixer_fidelity, seed_student
+from utils import arg, atomic_write, parse_config, run_main, write_json
 
 
 @dataclass
-class DistillConfig:
-    stage: int = 1                         # 0 (teacher), 1, 2 or 3
-    out: str = "runs/linear"               # run folder: one sub-folder per stage
-    teacher: str = "checkpoints/teacher"   # teacher checkpoint folder (stages 1-3)
-    student: str | None = None             # start from this model folder instead of the previous stage's
-    layers: str = "linear"                 # "linear" (all Mamba-2) or "hybrid" (stage 3 keeps n_attn attention layers)
-    n_attn: int = 2                        # attention layers kept by a hybrid
-    placement: str = "head-interleaved"    # where a hybrid keeps them (the paper's Table 6)
-    init: str = "inherit+mimic"            # seeding mode of stage 1 (the paper's Table 4)
-    steps: int | None = None               # optimiser steps (default: STAGE_DEFAULTS)
-    lr: float | None = None                # peak learning rate (default: STAGE_DEFAULTS)
-    batch_size: int | None = None          # global batch (default: STAGE_DEFAULTS), split over processes
-    weight_decay: float = 0.05             # AdamW, on matrices only (not biases, norms, A_log, dt_bias)
-    grad_clip: float = 2.0
-    warmup_frac: float = 0.05              # warmup-stable-decay schedule: linear warmup ...
-    decay_frac: float = 0.2                # ... and linear decay to 0 over the last 20% of steps
-    mse_scale: float = 1000.0              # stage 1-2 loss scale, as in the paper's code
-    kl_tokens: str = "all"                 # stage 3: KL on "all" non-padding tokens or "answer" tokens only
-    aux_weight: float = 1.0                # stage 0: weight of the per-cell auxiliary loss
-    ground_weight: float = 1.0             # stage 0: weight of the grounding hints (grounding.py; 0: off)
-    grounding: GroundingConfig = field(default_factory=GroundingConfig)  # stage 0: which heads the hints guide
-    embed_std: float = 0.5                 # stage 0: std of the fresh token embeddings
-    seed: int = 0
-    data_seed: int = 0                     # training data stream (test data uses split "test")
-    eval_per_category: int = 50            # test questions per category after each stage
-    save_every: int = 50                   # checkpoint every N steps (and at the end)
-    resume: bool = False                   # continue an interrupted stage from its ckpt.pt
+class TrainConfig:
+    stage: str = arg("1", "0: train the teacher; 1, 2: layer-wise; 3: end to end; all: 1, 2, 3",
+                     choices=("0", "1", "2", "3", "all"))
+    out: str = arg("", "run folder, one sub-folder per stage (default runs/teacher, runs/linear or runs/hybrid)")
+    teacher: str = arg("checkpoints/teacher", "teacher checkpoint folder (ours, HoVLE, InternLM2 or Llama)")
+    student: str = arg("", "start the (first) stage from this model folder, or 'seeded' for the freshly seeded "
+                           "student (default: stage 1 seeded, later stages the previous stage's model)")
+    layers: str = arg("linear", "student layout: all Mamba-2, or a hybrid keeping --n-attn attention layers in "
+                                "stage 3", choices=("linear", "hybrid"))
+    n_attn: int = arg(2, "attention layers a hybrid keeps")
+    placement: str = arg("head-interleaved", "where a hybrid keeps them (auto: chosen from data)",
+                         choices=PLACEMENTS + ("auto",))
+    init: str = arg("inherit+mimic", "seeding mode (the paper's Table 4)", choices=MODES)
+    steps: int | None = arg(None, "optimiser steps (default: the stage's in STAGES)")
+    lr: float | None = arg(None, "peak learning rate (default: the stage's)")
+    batch_size: int | None = arg(None, "global batch, split over processes (default: the stage's)")
+    weight_decay: float = arg(0.05, "AdamW weight decay on matrices")
+    grad_clip: float = arg(2.0, "gradient norm clip")
+    warmup_frac: float = arg(0.05, "linear warmup over this fraction of the steps")
+    decay_frac: float = arg(0.2, "linear decay to 0 over this last fraction")
+    mse_scale: float = arg(1000.0, "stages 1-2: loss scale (the official code's)")
+    kl_tokens: str = arg("all", "stage 3: KL on all tokens or on the positions predicting the answer",
+                         choices=("all", "answer"))
+    aux_weight: float = arg(1.0, "stage 0: weight of the per-image-token cell classifier")
+    ground_weight: float = arg(1.0, "stage 0: weight of the grounding hints (grounding.py; 0: off)")
+    embed_std: float = arg(0.5, "stage 0: std of the fresh token embeddings")
+    data: str = arg("", "train on this LLaVA-style JSONL instead of the synthetic stream")
+    eval: str = arg("", "print the accuracy table of this checkpoint folder and exit")
+    eval_data: str = arg("", "evaluate on this JSONL instead of the synthetic test split")
+    eval_per_category: int = arg(50, "synthetic test questions per category (0: no accuracy after a stage)")
+    save_every: int = arg(50, "checkpoint every N steps")
+    seed: int = arg(0, "seed of the student's new parameters and of the data order")
+    resume: bool = arg(False, "continue interrupted stages from their checkpoints")
+    hints: grounding.GroundingConfig = field(default_factory=grounding.GroundingConfig)   # stage 0's heads
 
     def __post_init__(self):
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage}")
-        if self.layers not in ("linear", "hybrid"):
-            raise ValueError(f"layers must be 'linear' or 'hybrid', got {self.layers!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.init not in MODES:
-            raise ValueError(f"init must be one of {MODES}, got {self.init!r}")
-        if self.kl_tokens not in ("all", "answer"):
-            raise ValueError(f"kl_tokens must be 'all' or 'answer', got {self.kl_tokens!r}")
-        steps, lr, bs = STAGE_DEFAULTS[self.stage]
-        self.steps = steps if self.steps is None else self.steps
-        self.lr = lr if self.lr is None else self.lr
-        self.batch_size = bs if self.batch_size is None else self.batch_size
-        if self.embed_std <= 0:
-            raise ValueError(f"embed_std must be positive, got {self.embed_std}")
-        if self.aux_weight < 0 or self.ground_weight < 0:
-            raise ValueError(f"aux_weight and ground_weight must be >= 0, got {self.aux_weight}, {self.ground_weight}")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"steps, batch_size and lr must be positive, got {self.steps}, {self.batch_size}, {self.lr}")
+        if self.stage in ("0", "1", "2", "3"):
+            s = STAGES[int(self.stage)]
+            self.steps, self.lr, self.batch_size = (self.steps or s.steps, self.lr or s.lr,
+                                                    self.batch_size or s.batch)
+        self.out = self.out or ("runs/teacher" if self.stage == "0" else f"runs/{self.layers}")
+        if min(self.steps or 1, self.batch_size or 1, self.lr or 1, self.save_every) <= 0:
+            raise ValueError(f"steps, lr, batch_size and save_every must be positive")
 
-    @property
-    def stage_dir(self) -> str:
-        return os.path.join(self.out, f"stage{self.stage}")
+    stage_dir = property(lambda self: os.path.join(self.out, f"stage{self.stage}"))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -136,10 +118,236 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Processes (torchrun sets RANK / WORLD_SIZE; a plain run is rank 0 of 1)
+# The losses. Each returns (sum over this process's tokens, token count); the loop divides by the
+# count summed over processes, so any number of processes gives the same global mean.
+
+def layer_loss(obj: "Objective", batch: dict):
+    """Stages 1-2: per converted layer, the squared error between the student mixer's and the
+    teacher attention's per-head outputs (b, L, H, P), both on the teacher's normed hidden state,
+    summed over non-padding tokens and layers (the count makes it the mean over tokens, heads,
+    head dims and layers)."""
+    teacher, mask = obj.teacher[0], batch["attention_mask"]                      # (b, L)
+    with torch.no_grad():
+        us = teacher.mixer_inputs(batch["input_ids"], batch["pixel_values"])      # per layer (b, L, d_model)
+        targets = [teacher.layers[i].mixer.heads(us[i]) for i in obj.layers]     # (b, L, H, P)
+    total = 0.0
+    for i, target in zip(obj.layers, targets):
+        se = (obj.student.layers[i].mixer.heads(us[i]).float() - target.float()).pow(2).mean(dim=(2, 3))
+        total = total + (se * mask).sum()
+    return obj.cfg.mse_scale * total, mask.sum().float() * len(obj.layers)
+
+
+def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor):
+    """Sum over the masked positions (b, L) of KL(p_teacher || p_student), and their number."""
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    return ((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum(), mask.sum().float()
+
+
+def kl_mask(batch: dict, kl_tokens: str) -> torch.Tensor:
+    """(b, L) bool: every non-padding token ("all"), or the positions whose logits predict an
+    answer token ("answer": answer_mask shifted left by one, since logits[t] predict token t+1)."""
+    return batch["attention_mask"] if kl_tokens == "all" else F.pad(batch["answer_mask"][:, 1:], (0, 1))
+
+
+def kl_loss(obj: "Objective", batch: dict):
+    """Stage 3: the per-token KL on the positions of kl_mask."""
+    with torch.no_grad():
+        t_logits = obj.teacher[0](batch["input_ids"], batch["pixel_values"])
+    s_logits = obj.student(batch["input_ids"], batch["pixel_values"])
+    return kl_per_token(t_logits, s_logits, kl_mask(batch, obj.cfg.kl_tokens))
+
+
+def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
+    """Next-token cross-entropy summed over the answer tokens (labels != -100), and their number."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]                     # logits[t] predict labels[t+1]
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
+    return ce, (labels != data.IGNORE_INDEX).sum().float()
+
+
+def teacher_loss(obj: "Objective", batch: dict):
+    """Stage 0: answer CE, plus a per-image-token classification of what each grid cell holds
+    (a cosine classifier of fixed scale 16: a plain linear head let image features grow to norm
+    ~1400 and the answers ignore the image), rescaled to the answer-token count, plus grounding.py's
+    hints. Samples without `cells` add no auxiliary or grounding loss."""
+    feats = obj.student.vision(batch["pixel_values"])                            # (b, T_img, d_model)
+    logits, hidden = obj.student(batch["input_ids"], image_embeds=feats, return_hidden=True)
+    ce, n = answer_ce(logits, batch["labels"])
+    if obj.cfg.ground_weight:
+        ce = ce + obj.cfg.ground_weight * grounding.grounding_loss(obj.student, hidden, batch, obj.hints, obj.probes)
+    cells = batch["cells"]                                                      # (b, T_img)
+    cls = 16.0 * F.normalize(feats, dim=-1) @ F.normalize(obj.aux_head.weight, dim=-1).T
+    aux = F.cross_entropy(cls.flatten(0, 1).float(), cells.flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
+    return ce + obj.cfg.aux_weight * aux * n / (cells != data.IGNORE_INDEX).sum().clamp_min(1), n
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe: per stage, what trains in each converted mixer, the loss, steps, lr and batch size.
+
+@dataclass(frozen=True)
+class Stage:
+    trains: tuple                  # parameter-name prefixes in a converted mixer; "*": the whole model
+    loss: Callable                 # (objective, batch) -> (sum, count)
+    steps: int
+    lr: float
+    batch: int
+
+
+QKV = ("wq", "wk", "wv")
+STAGES = {
+    0: Stage(("*",), teacher_loss, 2500, 5e-4, 32),
+    1: Stage(Mamba2Mixer.NEW, layer_loss, 300, 5e-3, 16),
+    2: Stage(Mamba2Mixer.NEW + QKV, layer_loss, 600, 3e-3, 16),
+    3: Stage(QKV + ("conv1d", "wdt", "norm", "wg"), kl_loss, 1000, 3e-4, 16),
+}
+
+
+def converted_layers(student: Model, teacher: Model) -> list:
+    """Layers that are Mamba-2 in the student and attention in the teacher."""
+    return [i for i, (s, t) in enumerate(zip(student.cfg.layers, teacher.cfg.layers)) if (s, t) == ("mamba2", "attn")]
+
+
+def set_trainable(student: Model, teacher: Model | None, stage: int) -> list:
+    """Freeze everything, then unfreeze the stage's parameters; return their names."""
+    student.requires_grad_(stage == 0)
+    if stage == 0:
+        return [n for n, _ in student.named_parameters()]
+    names = []
+    for i in converted_layers(student, teacher):
+        for n, p in student.layers[i].mixer.named_parameters():
+            if n.split(".")[0] in STAGES[stage].trains:
+                p.requires_grad_(True)
+                names.append(f"layers.{i}.mixer.{n}")
+    return names
+
+
+class Objective(nn.Module):
+    """One stage's loss as a module (so DistributedDataParallel can wrap it): the student and stage
+    0's auxiliary heads train; the teacher (held in a list: not registered) is frozen."""
+
+    def __init__(self, cfg: TrainConfig, student: Model, teacher: Model | None):
+        super().__init__()
+        self.cfg, self.student, self.teacher = cfg, student, [teacher]
+        self.loss = STAGES[int(cfg.stage)].loss
+        if cfg.stage == "0":
+            self.aux_head = nn.Linear(student.cfg.hidden_size, data.NUM_CELL_CLASSES, bias=False)
+            self.hints = cfg.hints
+            self.probes = grounding.Probes(student.cfg.hidden_size) if cfg.ground_weight else None
+            if cfg.ground_weight:
+                self.hints.check(student.cfg)
+        else:
+            self.layers = converted_layers(student, teacher)
+
+    def forward(self, batch: dict):
+        return self.loss(self, batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data of a stage
+
+def load_teacher(path: str) -> Model:
+    """Any checkpoint folder convert.load_model reads, in float32, frozen."""
+    return load_model(path).float().eval().requires_grad_(False)
+
+
+def build_student(cfg: TrainConfig, teacher: Model | None) -> Model:
+    """Stage 0: a fresh all-attention model. Stage 1 (or --student seeded): the teacher seeded into
+    all-Mamba-2 (--init). Otherwise the previous stage's model (or --student DIR). Stage 3 of a
+    hybrid puts the teacher's attention back in the kept layers."""
+    if cfg.stage == "0":
+        torch.manual_seed(cfg.seed)
+        model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
+        with torch.no_grad():       # std 0.5, not 0.02: the question's words must not drown under the image's
+            model.embed_tokens.weight.normal_(0.0, cfg.embed_std)
+        return model
+    if cfg.student == "seeded" or (cfg.stage == "1" and not cfg.student):
+        g = torch.Generator().manual_seed(cfg.seed)
+        student = seed_student(teacher, ["mamba2"] * teacher.cfg.n_layers, cfg.init, generator=g)
+    else:
+        src = cfg.student or os.path.join(cfg.out, f"stage{int(cfg.stage) - 1}", "model")
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"{src}: stage {cfg.stage} starts from this folder, which does not exist "
+                                    f"(run stage {int(cfg.stage) - 1} first, or pass --student DIR or seeded)")
+        student = load_model(src).float()
+    if cfg.stage == "3" and cfg.layers == "hybrid":
+        keep = (choose_attention_layers(student, teacher, cfg.n_attn, cfg.seed) if cfg.placement == "auto" else
+                [i for i, k in enumerate(make_layers(teacher.cfg.n_layers, cfg.n_attn, cfg.placement)) if k == "attn"])
+        keep_attention(student, teacher, keep)
+    return student
+
+
+def keep_attention(student: Model, teacher: Model, keep: list) -> Model:
+    """A hybrid: the teacher's attention back in layers `keep` (they never train)."""
+    for i in keep:
+        student.layers[i] = copy.deepcopy(teacher.layers[i])
+    student.set_config(student.cfg.replace(layers=[b.kind for b in student.layers]))
+    return student
+
+
+@torch.no_grad()
+def choose_attention_layers(student: Model, teacher: Model, k: int, seed: int = 0, n_batches: int = 4) -> list:
+    """The data-chosen hybrid placement: the k layers whose linearisation costs the most. For each
+    layer i, swap the teacher's attention in layer i alone for the student's (stage-2) mixer and
+    measure the per-token KL from the intact teacher on training batches; keep attention where that
+    KL is largest. It asks what stage 3 is judged on (the output distribution) in the context of
+    every other layer, which a per-layer MSE cannot: layers differ in scale and in how much of their
+    error the rest of the network undoes."""
+    batches = [train_batch(s, TrainConfig(stage="3", seed=seed, data=""), 0, 1, None) for s in range(n_batches)]
+    logits = [teacher(b["input_ids"], b["pixel_values"]) for b in batches]
+    kl = []
+    for i in range(teacher.cfg.n_layers):
+        kept, teacher.layers[i] = teacher.layers[i], student.layers[i]            # swap one layer in ...
+        try:
+            s, n = zip(*(kl_per_token(t, teacher(b["input_ids"], b["pixel_values"]), b["attention_mask"])
+                         for t, b in zip(logits, batches)))
+        finally:
+            teacher.layers[i] = kept                                               # ... and back
+        kl.append((sum(s) / sum(n)).item())
+    order = sorted(range(len(kl)), key=lambda i: -kl[i])
+    print("layer swap KL (student mixer in one teacher layer): " + ", ".join(f"{i}: {v:.4f}" for i, v in enumerate(kl)))
+    return sorted(order[:k])
+
+
+def train_samples(cfg: TrainConfig):
+    """A user's JSONL in a seeded order (every record is checked before any training), or None:
+    the synthetic stream."""
+    if not cfg.data:
+        return None
+    samples = data.load_jsonl(cfg.data)
+    random.Random(cfg.seed).shuffle(samples)
+    return samples
+
+
+def train_batch(step: int, cfg: TrainConfig, rank: int, world: int, samples: list | None) -> dict:
+    """This process's share of batch `step`: global samples step*B + rank*B/world + i (the data
+    position is the step: a resumed run sees the same batches); a file's samples cycle."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes {world}")
+    local = cfg.batch_size // world
+    idx = [step * cfg.batch_size + rank * local + i for i in range(local)]
+    if samples is None:
+        return data.collate([data.sample_at(data.DataConfig(), "train", cfg.seed, j) for j in idx])
+    return data.collate([samples[j % len(samples)] for j in idx])
+
+
+def test_samples(n_per_category: int) -> list:
+    """The synthetic test split: categories round-robin, n_per_category of each."""
+    return [data.sample_at(data.DataConfig(), "test", 0, i) for i in range(n_per_category * len(data.CATEGORIES))]
+
+
+@torch.no_grad()
+def evaluate(model: Model, samples: list, progress: bool = False) -> dict:
+    """Greedy generation, exact match, accuracy per category (data.score)."""
+    model.eval()
+    return data.score(lambda ids, px, n, eos: model.generate(ids, px, n, eos), samples, batch_size=64,
+                      progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
 
 def dist_setup() -> tuple:
-    """(rank, world size); initialises torch.distributed under torchrun."""
+    """(rank, world size); under torchrun, initialises torch.distributed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -147,472 +355,191 @@ def dist_setup() -> tuple:
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (identity in a single process)."""
     if dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)
     return t
 
 
-# ----------------------------------------------------------------------------------------------
-# Which parameters train
-
-def converted_layers(student: Model, teacher: Model) -> list:
-    """Indices of layers where the student has Mamba-2 and the teacher attention."""
-    return [i for i, (s, t) in enumerate(zip(student.cfg.layers, teacher.cfg.layers))
-            if s == "mamba2" and t == "attn"]
-
-
-def set_trainable(student: Model, teacher: Model, stage: int) -> list:
-    """Freeze everything, then unfreeze the stage's parameters of the converted mixers.
-    Returns the names of the trainable parameters."""
-    student.requires_grad_(stage == 0)
-    if stage == 0:
-        return [n for n, _ in student.named_parameters()]
-    names = []
-    for i in converted_layers(student, teacher):
-        for n, p in student.layers[i].mixer.named_parameters():
-            if n in STAGE_PARAMS[stage]:
-                p.requires_grad_(True)
-                names.append(f"layers.{i}.mixer.{n}")
-    return names
-
-
-def make_optimizer(module: nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (dim >= 2) only: biases, norm weights, A_log and dt_bias
-    (all 1-D) are not decayed."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def wsd_lr(step: int, cfg: DistillConfig) -> float:
+def wsd_lr(step: int, cfg: TrainConfig) -> float:
     """Warmup-stable-decay: linear warmup, constant, linear decay to 0 at the last step."""
-    warm = max(1, round(cfg.warmup_frac * cfg.steps))
-    decay = max(1, round(cfg.decay_frac * cfg.steps))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * min(1.0, (cfg.steps - step) / decay)
+    warm, decay = max(1, round(cfg.warmup_frac * cfg.steps)), max(1, round(cfg.decay_frac * cfg.steps))
+    return cfg.lr * (step + 1) / warm if step < warm else cfg.lr * min(1.0, (cfg.steps - step) / decay)
 
 
-# ----------------------------------------------------------------------------------------------
-# The losses. Each returns (sum over this process's tokens, token count); the loop divides by the
-# token count summed over processes, so any number of processes gives the same global mean.
-
-def layerwise_loss(student: Model, teacher: Model, batch: dict, layers: list, scale: float = 1.0):
-    """Stages 1-2: sum over layers of the MSE between the student mixer's and the teacher
-    attention's per-head outputs (b, L, H, P) on the teacher's normed hidden state, over the
-    non-padding tokens; divide by the count for the mean over tokens, heads, dims and layers."""
-    mask = batch["attention_mask"]                                    # (b, L)
-    with torch.no_grad():
-        us = teacher.mixer_inputs(batch["input_ids"], batch["pixel_values"])  # per layer (b, L, D)
-        targets = [teacher.layers[i].mixer.heads(us[i]) for i in layers]       # (b, L, H, P)
-    total = 0.0
-    for i, y_t in zip(layers, targets):
-        y_s = student.layers[i].mixer.heads(us[i])                     # (b, L, H, P)
-        se = (y_s.float() - y_t.float()).pow(2).mean(dim=(2, 3))      # (b, L)
-        total = total + (se * mask).sum()
-    count = mask.sum().to(torch.float32) * len(layers)
-    return scale * total, count
-
-
-def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor):
-    """Stage 3: sum over masked positions of KL(p_teacher || p_student) at temperature 1, and the
-    number of positions. logits (b, L, V), mask (b, L) bool."""
-    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
-    log_q = F.log_softmax(student_logits.float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)                     # (b, L)
-    return (kl * mask).sum(), mask.sum().to(torch.float32)
-
-
-def kl_mask(batch: dict, kl_tokens: str) -> torch.Tensor:
-    """Stage 3: the positions whose logits the KL is taken on, (b, L) bool. "all": every
-    non-padding token; "answer": the positions that predict an answer token or <|im_end|>, i.e.
-    answer_mask shifted left by one (logits[t] predict token t+1, as in answer_ce)."""
-    if kl_tokens == "all":
-        return batch["attention_mask"]
-    answer = batch["answer_mask"]                                      # (b, L)
-    mask = torch.zeros_like(answer)
-    mask[:, :-1] = answer[:, 1:]
-    return mask
-
-
-def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
-    """Stage 0: next-token cross-entropy summed over answer tokens, and their number."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]           # logits[t] predicts labels[t+1]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                         ignore_index=data.IGNORE_INDEX, reduction="sum")
-    return ce, (labels != data.IGNORE_INDEX).sum().to(torch.float32)
-
-
-class Objective(nn.Module):
-    """One stage's loss as a module, so that DistributedDataParallel can wrap it: the student
-    (and stage 0's auxiliary head) train, the teacher is frozen."""
-
-    def __init__(self, stage: int, student: Model, teacher: Model | None, cfg: DistillConfig):
-        super().__init__()
-        self.stage, self.student, self.cfg = stage, student, cfg
-        self.teacher = [teacher]                       # a list: not registered, never trained
-        if stage == 0:                                 # per-image-token "what is in this cell" head
-            self.aux_head = nn.Linear(student.cfg.hidden_size, data.NUM_CELL_CLASSES, bias=False)
-            if cfg.ground_weight:
-                cfg.grounding.check(student.cfg)
-                self.probes = Probes(student.cfg.hidden_size)   # grounding.py's attribute probes
-        if stage in (1, 2):
-            self.layers = converted_layers(student, teacher)
-
-    def forward(self, batch: dict):
-        """Returns (loss sum, count) for this process's share of the batch."""
-        s, teacher = self.student, self.teacher[0]
-        if self.stage == 0:
-            feats = s.vision_features(batch["pixel_values"])          # (b, 64, D)
-            logits, hidden = s(batch["input_ids"], image_embeds=feats, return_hidden=True)
-            ce, n = answer_ce(logits, batch["labels"])
-            if self.cfg.ground_weight:
-                ce = ce + self.cfg.ground_weight * grounding_loss(s, hidden, batch, self.cfg.grounding, self.probes)
-            cells = batch["cells"]                                     # (b, 64)
-            # classify each cell with a cosine classifier of fixed scale: a plain linear head is
-            # satisfied by features that are one large shared offset plus small class parts
-            # (seen: image-token norm ~1400 vs ~0.4 for text embeddings, and answers that did not
-            # depend on the image), which attention, reading normed tokens, cannot tell apart
-            logits = AUX_SCALE * F.normalize(feats, dim=-1) @ F.normalize(self.aux_head.weight, dim=-1).T
-            aux = F.cross_entropy(logits.flatten(0, 1).float(), cells.flatten(),
-                                  ignore_index=data.IGNORE_INDEX, reduction="sum")
-            n_cells = (cells != data.IGNORE_INDEX).sum().clamp_min(1)
-            # the auxiliary loss is a per-cell mean, rescaled to the answer-token count
-            return ce + self.cfg.aux_weight * aux * n / n_cells, n
-        if self.stage in (1, 2):
-            return layerwise_loss(s, teacher, batch, self.layers, self.cfg.mse_scale)
-        with torch.no_grad():
-            t_logits = teacher(batch["input_ids"], batch["pixel_values"])
-        return kl_per_token(t_logits, s(batch["input_ids"], batch["pixel_values"]), kl_mask(batch, self.cfg.kl_tokens))
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-def train_batch(step: int, cfg: DistillConfig, rank: int, world: int, dcfg: data.DataConfig) -> dict:
-    """This process's share of the global batch of `step`: samples step*B + rank*B/world + i of
-    the training stream (the data position is the step: a resumed run sees the same batches)."""
-    if cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes {world}")
-    local = cfg.batch_size // world
-    start = step * cfg.batch_size + rank * local
-    return data.collate([data.sample_at(dcfg, "train", cfg.data_seed, start + i) for i in range(local)])
-
-
-def test_samples(n_per_category: int, seed: int = 0, dcfg: data.DataConfig | None = None) -> list:
-    """The held-out split: categories come round-robin, so n_per_category of each."""
-    dcfg = dcfg or data.DataConfig()
-    return [data.sample_at(dcfg, "test", seed, i) for i in range(n_per_category * len(dcfg.categories))]
-
-
-@torch.no_grad()
-def evaluate(model: Model, n_per_category: int = 50, seed: int = 0, progress: bool = False) -> dict:
-    """Greedy generation + exact match on the test split; data.score's result."""
-    model.eval()
-    gen = lambda ids, px, n, eos: model.generate(ids, px, max_new_tokens=n, eos_id=eos)
-    return data.score(gen, test_samples(n_per_category, seed), batch_size=64, progress=progress)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-def save_checkpoint(path: str, model: Model, objective: Objective, optimizer, step: int) -> None:
-    """The whole model (not only what trains), the optimiser, the step (= schedule and data
-    position), written atomically."""
-    state = {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-             "objective": {k: v for k, v in objective.state_dict().items() if not k.startswith("student.")},
-             "optimizer": optimizer.state_dict(), "step": step}
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
-
-
-# ----------------------------------------------------------------------------------------------
-# Building each stage's models
-
-def load_teacher(path: str) -> Model:
-    """Our own folder, or a HoVLE / InternLM2 / Llama one imported on the fly (convert.load_model)."""
-    teacher = load_model(path).float().eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
-def initial_student(cfg: DistillConfig, teacher: Model | None) -> Model:
-    """Stage 0: a fresh all-attention model. Stage 1: the teacher seeded into all-Mamba-2.
-    Stages 2-3: the previous stage's model (or --student); stage 3 of a hybrid puts the teacher's
-    attention back into the kept layers."""
-    if cfg.stage == 0:
-        torch.manual_seed(cfg.seed)
-        model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
-        # Token embeddings of std 0.02 (norm ~0.3) drown under what layer 0 adds from the image
-        # tokens (norm ~7 at text positions after 550 steps), and the question's words get lost;
-        # std 0.5 keeps them readable (experiments/README.md; part of the bundled teacher's recipe).
-        if cfg.embed_std != model.cfg.init_std:    # (equal: the init as before, bit for bit)
-            with torch.no_grad():
-                model.embed_tokens.weight.normal_(0.0, cfg.embed_std)
-        return model
-    n = teacher.cfg.n_layers
-    if cfg.stage == 1 and cfg.student is None:
-        g = torch.Generator().manual_seed(cfg.seed)
-        return convert(teacher, ["mamba2"] * n, cfg.init, generator=g)
-    src = cfg.student or os.path.join(cfg.out, f"stage{cfg.stage - 1}", "model")
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"stage {cfg.stage} starts from {src}, which does not exist: "
-                                f"run stage {cfg.stage - 1} first (or pass --student DIR)")
-    student = Model.from_pretrained(src).float()
-    if cfg.stage == 3 and cfg.layers == "hybrid":
-        layers = make_layers(n, cfg.n_attn, cfg.placement)
-        for i, kind in enumerate(layers):
-            if kind == "attn" and student.cfg.layers[i] != "attn":
-                student.layers[i] = copy.deepcopy(teacher.layers[i])     # frozen in stage 3
-        student.set_config(student.cfg.replace(layers=[b.kind for b in student.layers]))
-    return student
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-
-def train_stage(cfg: DistillConfig, teacher: Model | None = None, student: Model | None = None,
-                stop_after: int | None = None, loss_hook=None) -> Model:
-    """Train one stage; returns the student. `stop_after` ends the loop early after that step
-    (simulating an interruption, for tests); `loss_hook(step, loss)` may replace the loss (tests)."""
+def train(cfg: TrainConfig, student: Model, teacher: Model | None, samples: list | None = None) -> list:
+    """Train one stage in place; return the losses. Checkpoints (the whole model, optimiser, step)
+    every save_every steps; with cfg.resume, continues from the stage's checkpoint."""
     rank, world = dist_setup()
-    torch.manual_seed(cfg.seed)
+    ckpt_path, log_path = os.path.join(cfg.stage_dir, "ckpt.pt"), os.path.join(cfg.stage_dir, "log.jsonl")
     os.makedirs(cfg.stage_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.stage_dir, "ckpt.pt")
-    if cfg.stage > 0 and teacher is None:
-        teacher = load_teacher(cfg.teacher)
-    if student is None:
-        student = initial_student(cfg, teacher)
-    trainable = set_trainable(student, teacher, cfg.stage)
-    objective = Objective(cfg.stage, student, teacher, cfg)
-    if rank == 0:
-        n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
-        print(f"stage {cfg.stage}: {len(trainable)} trainable student tensors, {n_params:,} trainable parameters")
-    optimizer = make_optimizer(objective, cfg)
-    step = 0
+    trainable = set_trainable(student, teacher, int(cfg.stage))
+    objective = Objective(cfg, student, teacher)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95))
+    start = 0
     if cfg.resume and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path)
-        student.load_state_dict(state["model"])
-        objective.load_state_dict({**state["objective"], **{f"student.{k}": v for k, v in state["model"].items()}})
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if rank == 0:
-            print(f"stage {cfg.stage}: resuming from {ckpt_path} at step {step}")
-    wrapped = objective
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(objective)
-    dcfg = data.DataConfig()
-    log_path = os.path.join(cfg.stage_dir, "log.jsonl")
-    if rank == 0 and os.path.exists(log_path):        # keep only the steps the checkpoint holds
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(log_path, "w") as f:
+        start = state["step"]
+    if rank == 0:
+        print(f"stage {cfg.stage}: {len(trainable)} trainable tensors, {sum(p.numel() for p in params):,} parameters"
+              + (f"; resuming from {ckpt_path} at step {start}" if start else ""))
+        with open(log_path, "a+") as f:                  # keep the steps the checkpoint holds
+            f.seek(0)
+            kept = f.readlines()[:start]
+            f.truncate(0)
             f.writelines(kept)
-    last_good, t0, losses = step, time.time(), []
-    bar = tqdm(range(step, cfg.steps), desc=f"stage {cfg.stage}", initial=step, total=cfg.steps,
-               disable=rank != 0, dynamic_ncols=True)
+    model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    losses, last_good, t0 = [], start, time.time()
     student.train()
-    for s in bar:
-        batch = train_batch(s, cfg, rank, world, dcfg)
-        for g in optimizer.param_groups:
-            g["lr"] = wsd_lr(s, cfg)
-        loss_sum, count = wrapped(batch)
-        total = all_sum(count.detach())
-        loss = loss_sum / total.clamp_min(1) * world      # DDP averages gradients over processes
-        value = (all_sum(loss_sum.detach()) / total.clamp_min(1)).item()
-        if loss_hook is not None:
-            value = loss_hook(s, value)
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"stage {cfg.stage}: the loss is {value} at step {s}; stopped. The last "
-                                f"good checkpoint is {ckpt_path} (step {last_good})"
-                                + ("" if os.path.exists(ckpt_path) else " (none written yet)"))
+    for step in tqdm(range(start, cfg.steps), desc=f"stage {cfg.stage}", initial=start, total=cfg.steps,
+                     disable=rank != 0, dynamic_ncols=True):
+        lr = wsd_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, count = model(train_batch(step, cfg, rank, world, samples))
+        total = all_sum(count.detach()).clamp_min(1)
+        loss = (all_sum(loss_sum.detach()) / total).item()
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"{cfg.stage_dir}: the loss is {loss} at step {step}; stopped. The last good "
+                                f"checkpoint is {ckpt_path} (step {last_good})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in objective.parameters() if p.requires_grad], cfg.grad_clip)
+        (loss_sum / total * world).backward()           # DDP averages the gradients over processes
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.4g}", lr=f"{wsd_lr(s, cfg):.2e}")
-        done = s + 1
-        saving = done % cfg.save_every == 0 or done == cfg.steps
+        losses.append(loss)
         if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, "loss": value, "lr": wsd_lr(s, cfg),
-                                    "time": round(time.time() - t0, 3)}) + "\n")
-            if saving:
-                save_checkpoint(ckpt_path, student, objective, optimizer, done)
-        last_good = done if saving else last_good
-        if stop_after is not None and done >= stop_after:
-            break
-    bar.close()
+                f.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr, "time": round(time.time() - t0, 3)}) + "\n")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                state = {"objective": objective.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
+                atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+                last_good = step + 1
     student.eval()
-    if rank == 0 and (stop_after is None or stop_after >= cfg.steps):
+    if rank == 0:
         student.save_pretrained(os.path.join(cfg.stage_dir, "model"))
-    if dist.is_initialized():
-        dist.barrier()
-    student.train_losses = losses
-    return student
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------
-# Reports: layer fidelity, accuracy beside the teacher, one-line summaries
-
-def eval_batch(n: int = 32, seed: int = 0) -> dict:
-    """A fixed held-out batch for the layer-wise numbers."""
-    return data.collate(test_samples(max(1, n // len(data.CATEGORIES)) + 1, seed=seed + 1)[:n])
-
-
-@torch.no_grad()
-def mean_layer_mse(student: Model, teacher: Model, batch: dict) -> float:
-    """Mean over converted layers of the per-head output MSE (unscaled), teacher forcing."""
-    layers = converted_layers(student, teacher)
-    if not layers:
-        return 0.0
-    total, count = layerwise_loss(student, teacher, batch, layers)
-    return (total / count).item()
-
-
-def teacher_accuracy(cfg: DistillConfig, teacher: Model) -> dict:
-    """The teacher's test accuracy, cached in the run folder (it does not change between stages)."""
-    path = os.path.join(cfg.out, "teacher_eval.json")
-    key = {"teacher": os.path.abspath(cfg.teacher), "n": cfg.eval_per_category}
-    if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("key") == key:
-            return cached["result"]
-    result = evaluate(teacher, cfg.eval_per_category)
-    result.pop("predictions")
-    os.makedirs(cfg.out, exist_ok=True)
-    write_json(path, {"key": key, "result": result})
-    return result
-
-
-def accuracy_table(results: dict) -> str:
-    """Columns: category, chance, then one column per model (name -> data.score result)."""
-    names = list(results)
-    cats = list(next(iter(results.values()))["accuracy"])
-    lines = [f"{'category':<10} {'chance':>7} " + " ".join(f"{n:>10}" for n in names)]
-    for c in cats:
-        lines.append(f"{c:<10} {100 * data.CHANCE.get(c, float('nan')):6.1f}% "
-                     + " ".join(f"{100 * r['accuracy'][c]:9.1f}%" for r in results.values()))
-    lines.append(f"{'mean':<10} {100 * sum(data.CHANCE[c] for c in cats) / len(cats):6.1f}% "
-                 + " ".join(f"{100 * r['mean']:9.1f}%" for r in results.values()))
-    return "\n".join(lines)
-
-
-def fidelity_table(rows: list) -> str:
-    lines = [f"{'layer':>5} {'kind':<7} {'rel err':>8} {'cosine':>7}"]
-    lines += [f"{r['layer']:>5} {r['kind']:<7} {r['rel_err']:8.3f} {r['cosine']:7.3f}" for r in rows]
-    return "\n".join(lines)
-
+# A stage with its report, and the command line
 
 def fmt_time(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def run_stage(cfg: DistillConfig) -> dict:
-    """Train one stage, then report (rank 0): summary line, layer fidelity, accuracy table.
-    Writes stageK/summary.json and returns it."""
-    rank, _ = dist_setup()
-    teacher = load_teacher(cfg.teacher) if cfg.stage > 0 else None
-    student = initial_student(cfg, teacher)
-    batch = eval_batch(seed=cfg.seed)
-    mse_before = mean_layer_mse(student, teacher, batch) if cfg.stage in (1, 2) else None
+def run_stage(cfg: TrainConfig, teacher: Model | None, student: Model | None = None, samples=None) -> dict:
+    """Train one stage and report (rank 0): per-layer fidelity, accuracy beside the teacher's, one
+    summary line. Writes and returns stageK/summary.json."""
+    student = student if student is not None else build_student(cfg, teacher)
+    probe = data.collate(test_samples(5)[:32])                  # a fixed held-out batch for the layer numbers
+    fid = lambda: mixer_fidelity(teacher, student, probe["input_ids"], probe["pixel_values"]) if teacher else []
+    layerwise = cfg.stage in ("1", "2")
+    before = fid()
+    mse_before = mean_layer_mse(student, teacher, probe) if layerwise else None
     t0 = time.time()
-    student = train_stage(cfg, teacher, student)
-    seconds = time.time() - t0
-    if rank != 0:
-        return {}
-    losses = student.train_losses
-    summary = {"stage": cfg.stage, "steps": cfg.steps, "seconds": round(seconds, 1),
+    losses = train(cfg, student, teacher, samples)
+    summary = {"stage": int(cfg.stage), "steps": cfg.steps, "seconds": round(time.time() - t0, 1),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "layers": student.cfg.layers, "config": asdict(cfg)}
-    line = f"stage {cfg.stage} done in {fmt_time(seconds)}: {cfg.steps} steps"
-    if losses:
-        line += f", loss {losses[0]:.4g} -> {losses[-1]:.4g}"
-    print()
-    if cfg.stage > 0:
-        rows = mixer_fidelity(teacher, student, batch["input_ids"], batch["pixel_values"])
-        summary["fidelity"] = rows
-        if cfg.stage in (1, 2):
-            mse_after = mean_layer_mse(student, teacher, batch)
-            summary.update(mse_before=mse_before, mse_after=mse_after)
-            line += f", layer MSE {mse_before:.3g} -> {mse_after:.3g} ({mse_before / max(mse_after, 1e-30):.1f}x lower)"
-        print(fidelity_table(rows))
-    result = evaluate(student, cfg.eval_per_category)
-    result.pop("predictions")
-    summary["accuracy"] = result
-    tables = {"student": result}
-    if cfg.stage > 0:
-        t_res = teacher_accuracy(cfg, teacher)
-        summary["teacher_accuracy"] = t_res
-        tables = {"teacher": t_res, "student": result}
-        line += f", accuracy {100 * result['mean']:.1f}% (teacher {100 * t_res['mean']:.1f}%, " \
-                f"{100 * result['mean'] / max(t_res['mean'], 1e-9):.1f}% of it)"
-    else:
-        line += f", accuracy {100 * result['mean']:.1f}%"
-    print(accuracy_table(tables))
+               "layers": student.cfg.layers, "config": asdict(cfg), "fidelity_before": before, "fidelity": fid()}
+    if dist_setup()[0] != 0:
+        return summary
+    line = f"stage {cfg.stage} done in {fmt_time(summary['seconds'])}: {cfg.steps} steps"
+    line += f", loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses else ""
+    if layerwise:
+        b, a = mse_before, mean_layer_mse(student, teacher, probe)
+        summary.update(mse_before=b, mse_after=a)
+        line += f", layer MSE {b:.3g} -> {a:.3g} ({b / max(a, 1e-30):.1f}x lower)"
+    if before:
+        print(fidelity_table({"before": before, "after": summary["fidelity"]}))
+    if cfg.eval_per_category:
+        tests = test_samples(cfg.eval_per_category)
+        results = {"student": {k: v for k, v in evaluate(student, tests).items() if k != "predictions"}}
+        if teacher is not None:
+            results = {"teacher": teacher_accuracy(cfg, teacher, tests), **results}
+        summary["accuracy"], summary["teacher_accuracy"] = results["student"], results.get("teacher")
+        print(data.format_table(results))
+        s, t = results["student"]["mean"], results.get("teacher", {}).get("mean")
+        line += f", accuracy {100 * s:.1f}%" + (f" (teacher {100 * t:.1f}%, {100 * s / t:.1f}% of it)" if t else "")
     print(line)
     write_json(os.path.join(cfg.stage_dir, "summary.json"), summary)
     return summary
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="mmMamba distillation: stage 0 (teacher), stages 1-3, evaluation.")
-    p.add_argument("--stage", default="1", choices=["0", "1", "2", "3", "all"],
-                   help="0: train the teacher; 1, 2: layer-wise; 3: end-to-end; all: 1, 2, 3 then evaluate")
-    p.add_argument("--eval", metavar="DIR", help="print the accuracy table of the checkpoint in DIR and exit")
-    p.add_argument("--out", help="run folder (default runs/teacher for stage 0, runs/linear or runs/hybrid)")
-    p.add_argument("--teacher", default="checkpoints/teacher", help="teacher checkpoint folder")
-    p.add_argument("--student", help="start the stage from this model folder instead of the previous stage's")
-    p.add_argument("--layers", default="linear", choices=["linear", "hybrid"], help="student layout of stage 3")
-    p.add_argument("--n-attn", type=int, default=2, help="attention layers a hybrid keeps")
-    p.add_argument("--placement", default="head-interleaved", choices=list(PLACEMENTS), help="where a hybrid keeps them")
-    p.add_argument("--init", default="inherit+mimic", choices=list(MODES), help="seeding mode of stage 1")
-    p.add_argument("--steps", type=int, help="optimiser steps (default per stage)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default per stage)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default per stage)")
-    p.add_argument("--kl-tokens", default="all", choices=["all", "answer"], help="stage 3: tokens the KL is taken on")
-    p.add_argument("--aux-weight", type=float, default=1.0, help="stage 0: weight of the per-cell auxiliary loss")
-    p.add_argument("--embed-std", type=float, default=0.5, help="stage 0: std of the fresh token embeddings")
-    p.add_argument("--ground-weight", type=float, default=1.0, help="stage 0: weight of the grounding hints (grounding.py; 0: off)")
-    p.add_argument("--eval-per-category", type=int, default=50, help="test questions per category after a stage")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation")
-    p.add_argument("--resume", action="store_true", help="continue interrupted stages from their checkpoints")
-    args = p.parse_args(argv)
+@torch.no_grad()
+def mean_layer_mse(student: Model, teacher: Model, batch: dict) -> float:
+    """The stage 1-2 loss without its scale: the mean squared error per token, head, dim and layer."""
+    total, count = layer_loss(Objective(TrainConfig(stage="1", mse_scale=1.0), student, teacher), batch)
+    return (total / count).item()
 
-    if args.eval:
-        model = Model.from_pretrained(args.eval).float()
-        result = evaluate(model, args.eval_per_category, progress=True)
-        print(data.format_table(result))
-        return
-    stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
-    out = args.out or ("runs/teacher" if stages == [0] else f"runs/{args.layers}")
-    for k in stages:
-        cfg = DistillConfig(stage=k, out=out, teacher=args.teacher, student=args.student if k == stages[0] else None,
-                            layers=args.layers, n_attn=args.n_attn, placement=args.placement, init=args.init,
-                            steps=args.steps, lr=args.lr, batch_size=args.batch_size, kl_tokens=args.kl_tokens,
-                            aux_weight=args.aux_weight, ground_weight=args.ground_weight, embed_std=args.embed_std,
-                            eval_per_category=args.eval_per_category, save_every=args.save_every,
-                            seed=args.seed, resume=args.resume)
-        try:
-            run_stage(cfg)
-        except NonFiniteLoss as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+
+def teacher_accuracy(cfg: TrainConfig, teacher: Model, tests: list) -> dict:
+    """The teacher's accuracy on `tests`, cached in the run folder (it does not change between stages)."""
+    path, key = os.path.join(cfg.out, "teacher_eval.json"), [os.path.abspath(cfg.teacher), len(tests)]
+    cached = json.load(open(path)) if os.path.exists(path) else {}
+    if cached.get("key") != key:
+        cached = {"key": key, "result": {k: v for k, v in evaluate(teacher, tests).items() if k != "predictions"}}
+        write_json(path, cached)
+    return cached["result"]
+
+
+def plot_fidelity(out: str, summaries: list) -> str:
+    """fidelity.png: per layer, the cosine and relative error of each mixer against the teacher's
+    attention, for the seeded student and after each stage."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = [("seeded", summaries[0]["fidelity_before"])] + [(f"stage {s['stage']}", s["fidelity"]) for s in summaries]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in curves:
+        for a, key in zip(ax, ("cosine", "rel_err")):
+            a.plot([r["layer"] for r in rows], [r[key] for r in rows], "o-", label=name)
+    for a, key in zip(ax, ("cosine to the teacher's attention", "relative error")):
+        a.set(xlabel="layer", ylabel=key, title=f"per-layer fidelity: {key}")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"{out}: mixer outputs before W_O, teacher forcing, {summaries[-1]['layers'].count('attn')} "
+                 f"attention layers kept", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out, "fidelity.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluate_folder(cfg: TrainConfig) -> dict:
+    """--eval: the accuracy table of any checkpoint folder on the synthetic test split or a JSONL;
+    writes the predictions beside the references to runs/eval/<folder name>.json."""
+    model = load_model(cfg.eval).float()
+    samples = data.load_jsonl(cfg.eval_data, model.cfg.image_size) if cfg.eval_data else test_samples(cfg.eval_per_category)
+    result = evaluate(model, samples, progress=True)
+    print(data.format_table({os.path.basename(os.path.normpath(cfg.eval)): result}))
+    result["samples"] = [{"source": s.source, "category": s.category, "question": s.turns[-1][0],
+                          "answer": s.turns[-1][1], "prediction": p} for s, p in zip(samples, result.pop("predictions"))]
+    path = os.path.join("runs", "eval", os.path.basename(os.path.normpath(cfg.eval)) + ".json")
+    write_json(path, result)
+    print(f"predictions: {path}")
+    return result
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, "mmMamba distillation: stage 0 (the teacher), stages 1-3, evaluation.")
+    if cfg.eval:
+        return evaluate_folder(cfg)
+    teacher = load_teacher(cfg.teacher) if cfg.stage != "0" else None
+    samples = train_samples(cfg)
+    stages = ["1", "2", "3"] if cfg.stage == "all" else [cfg.stage]
+    summaries = [run_stage(replace(cfg, stage=k, student=cfg.student if k == stages[0] else ""), teacher, None, samples)
+                 for k in stages]
+    if len(stages) == 3 and dist_setup()[0] == 0:
+        print(f"per-layer fidelity: {plot_fidelity(cfg.out, summaries)}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, NonFiniteLoss)

@@ -4,7 +4,7 @@ Not part of the paper. mmMamba distils a *trained* VLM (HoVLE); this project mus
 own tiny teacher (stage 0 of distill.py), and with the answer tokens as the only signal a small
 decoder trained from scratch on a 2-core CPU does not learn to find the object a question names
 within the time budget (experiments/README.md). HoVLE learns grounding from a vision encoder and
-billions of tokens; here three attention heads are told, during stage 0 only, where to look. At
+billions of tokens; here four attention heads are told, during stage 0 only, where to look. At
 inference the teacher is a plain all-attention model: nothing here runs outside training.
 
 Each role is one attention head and a cross-entropy between its attention row at some query
@@ -36,12 +36,12 @@ every sample weighs the same whatever its length; a role with no query position 
 object word, unknown cells, not a text question) adds nothing.
 
 Run (prints the attention mass each role puts on its targets, per category):
-    python grounding.py runs/teacher/stage0/ckpt.pt          # a stage checkpoint or a model folder
+    python grounding.py checkpoints/teacher
 """
 from __future__ import annotations
 
 import argparse
-import os
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import Model, ModelConfig
+from convert import load_model
+from model import Attention, Model, ModelConfig
 
 # token id -> object word; every object word is one token (with its leading space)
 WORD_OF_ID = {data.TOKENIZER.encode(" " + w)[0]: w for w in data.OBJECT_WORDS}
@@ -154,9 +155,15 @@ def targets(batch: dict) -> tuple[dict, dict]:
 
 
 def role_probs(model: Model, hidden: list, layer: int, head: int) -> torch.Tensor:
-    """Attention map (b, T, T) of one head, from the residual stream entering its layer."""
-    block = model.layers[layer]
-    return block.mixer.probs(block.attention_norm(hidden[layer]), head)
+    """Attention map softmax(q_h k^T / sqrt(P)) of query head `head` of layer `layer`, with the
+    causal mask, (b, T, T), from the residual stream entering the layer (row t: how token t spreads
+    its attention over tokens 0..t)."""
+    attn: Attention = model.layers[layer].mixer
+    q, k, _ = attn.qkv(model.layers[layer].attention_norm(hidden[layer]))           # (b, H, T, P), (b, Hkv, T, P)
+    scores = q[:, head] @ k[:, head // attn.cfg.heads_per_kv].transpose(-1, -2) / math.sqrt(q.shape[-1])
+    T = scores.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+    return scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32).masked_fill(~causal, float("-inf")).softmax(-1)
 
 
 class Probes(nn.Module):
@@ -229,23 +236,13 @@ def attention_on_target(model: Model, batch: dict, cfg: GroundingConfig) -> dict
     return result
 
 
-def load(path: str) -> Model:
-    """A model folder (config.json + model.safetensors) or a distill.py stage checkpoint (ckpt.pt)."""
-    if os.path.isdir(path):
-        return Model.from_pretrained(path).float().eval()
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    model = Model(ModelConfig.from_dict(ck["model_config"]))
-    model.load_state_dict(ck["model"])
-    return model.eval()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Attention mass of each grounding role on its targets, per category")
-    p.add_argument("checkpoint", help="a stage checkpoint (ckpt.pt) or a model folder (config.json + model.safetensors)")
+    p.add_argument("checkpoint", help="a model folder (config.json + model.safetensors)")
     p.add_argument("--n", type=int, default=140, help="test questions (round-robin over the categories)")
     p.add_argument("--seed", type=int, default=0, help="test split seed")
     args = p.parse_args(argv)
-    model = load(args.checkpoint)
+    model = load_model(args.checkpoint).float().eval()
     samples = [data.sample_at(data.DataConfig(), "test", args.seed, i) for i in range(args.n)]
     result = attention_on_target(model, data.collate(samples), GroundingConfig())
     cats = list(data.CATEGORIES)

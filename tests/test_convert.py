@@ -1,5 +1,5 @@
 """convert.py: HoVLE / InternLM2 / Llama checkpoints imported into Model compute what the published
-models compute; exports load back; every error names the file and the key.
+models compute; saved imports load back; every error names the file and the key.
 
 The reference forwards below are written from the published model code (HoVLE's
 modeling_holistic_embedding.py / InternLM2, HF Llama), directly on the raw tensors read from the
@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import convert
+from checkpoints import write_tiny_hovle, write_tiny_internlm2, write_tiny_llama
 from model import CheckpointError, Model
+from utils import InputError
 
 F64 = torch.float64
 TINY = dict(vocab_size=50, img_context_id=6, hidden_size=32, n_heads=4, n_kv_heads=2, intermediate_size=48,
@@ -30,7 +34,9 @@ TINY = dict(vocab_size=50, img_context_id=6, hidden_size=32, n_heads=4, n_kv_hea
 def raw_tensors(d):
     """Every tensor of a folder, read with safetensors directly (index or single file)."""
     index = os.path.join(d, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if os.path.exists(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
     out = {}
     for f in files:
         out.update(load_file(os.path.join(d, f)))
@@ -108,7 +114,8 @@ def hovle_vision(raw, px, patch, sf):
     x = x.flatten(2).transpose(1, 2)
     pos = raw[E + "vision_embeddings.position_embedding"][:, 1:, :]
     pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-    pos = F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False).reshape(1, -1, gh * gw).permute(0, 2, 1)
+    pos = F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False)
+    pos = pos.reshape(1, -1, gh * gw).permute(0, 2, 1)
     x = x + pos
     n, l, c = x.size()
     h = w = int(l ** 0.5)
@@ -147,7 +154,7 @@ def prompt(c, n_img_tokens, batch=2, seed=1):
 @pytest.fixture(scope="module")
 def hovle_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("hovle"))
-    convert.write_tiny_hovle(d, **TINY)
+    write_tiny_hovle(d, **TINY)
     return d
 
 
@@ -211,7 +218,7 @@ def test_split_wqkv_gqa_order():
 
 def test_internlm2_text_logits_match_reference(tmp_path):
     d = str(tmp_path / "internlm2")
-    convert.write_tiny_internlm2(d, shards=2)
+    write_tiny_internlm2(d, shards=2)
     model = convert.load_model(d, dtype=F64)
     assert convert.detect_format(d) == "internlm2" and model.cfg.img_context_id == 63 and model.cfg.image_tokens == 1
     raw = raw_tensors(d)
@@ -227,7 +234,7 @@ def test_internlm2_text_logits_match_reference(tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama_logits_match_reference(tmp_path, tied):
     d = str(tmp_path / "llama")
-    convert.write_tiny_llama(d, tie_word_embeddings=tied, shards=1 if tied else 2)
+    write_tiny_llama(d, tie_word_embeddings=tied, shards=1 if tied else 2)
     model = convert.load_model(d, dtype=F64, img_context_id=0)
     assert convert.detect_format(d) == "llama" and model.cfg.img_context_id == 0
     raw = raw_tensors(d)
@@ -243,9 +250,10 @@ def test_llama_logits_match_reference(tmp_path, tied):
             model(torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_export_loads_back(hovle_dir, tmp_path):
+def test_saved_import_loads_back(hovle_dir, tmp_path):
     model = convert.load_model(hovle_dir)
-    out = convert.export(model, str(tmp_path / "exported"))
+    out = str(tmp_path / "exported")
+    model.save_pretrained(out)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert convert.detect_format(out) == "native"
     back = convert.load_model(out)
@@ -281,7 +289,8 @@ def test_missing_key(hovle_dir, tmp_path):
     idx = json.load(open(index))
     del idx["weight_map"]["language_model.model.norm.weight"]
     json.dump(idx, open(index, "w"))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: missing key 'language_model\.model\.norm\.weight'"):
+    with pytest.raises(CheckpointError,
+                       match=r"model\.safetensors\.index\.json: missing key 'language_model\.model\.norm\.weight'"):
         convert.load_model(d)
 
 
@@ -291,7 +300,8 @@ def test_key_listed_but_absent_from_its_shard(hovle_dir, tmp_path):
     t = load_file(shard)
     del t["embedding_model.pixel_shuffle_proj.2.bias"]
     save_file(t, shard)
-    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: missing key 'embedding_model\.pixel_shuffle_proj\.2\.bias'"):
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: "
+                                              r"missing key 'embedding_model\.pixel_shuffle_proj\.2\.bias'"):
         convert.load_model(d)
 
 
@@ -318,7 +328,8 @@ def test_unexpected_key(hovle_dir, tmp_path):
     idx = json.load(open(index))
     idx["weight_map"]["embedding_model.encoder.0.attention.wqkv.bias"] = "model-00001-of-00002.safetensors"
     json.dump(idx, open(index, "w"))
-    with pytest.raises(CheckpointError, match=r"index\.json: 1 unexpected key.*'embedding_model\.encoder\.0\.attention\.wqkv\.bias'"):
+    with pytest.raises(CheckpointError,
+                       match=r"index\.json: 1 unexpected key.*'embedding_model\.encoder\.0\.attention\.wqkv\.bias'"):
         convert.load_model(d)
 
 
@@ -327,7 +338,8 @@ def test_unknown_architecture(hovle_dir, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["architectures"] = ["Qwen2ForCausalLM"]
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(CheckpointError, match=r"config\.json: unknown architecture 'Qwen2ForCausalLM' \(key 'architectures'\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"config\.json: unknown architecture 'Qwen2ForCausalLM' \(key 'architectures'\)"):
         convert.load_model(d)
 
 
@@ -335,15 +347,24 @@ def test_config_not_json(hovle_dir, tmp_path):
     d = copy_of(hovle_dir, tmp_path)
     with open(os.path.join(d, "config.json"), "w") as f:
         f.write("{not json")
-    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+    with pytest.raises(InputError, match=r"config\.json: not valid JSON"):   # utils.read_json's error
         convert.load_model(d)
 
 
 @pytest.mark.parametrize("edit, pattern", [
     (lambda c: c["llm_config"].pop("vocab_size"), r"config\.json: missing key 'llm_config\.vocab_size'"),
-    (lambda c: c["llm_config"].update(rope_theta=1e6), r"config\.json: key 'embedding_config\.rope_theta' = 10000\.0 but 'llm_config\.rope_theta' = 1000000\.0"),
-    (lambda c: c["embedding_config"].update(pixel_shuffle_loc="post"), r"config\.json: key 'embedding_config\.pixel_shuffle_loc' = 'post' is not supported"),
-    (lambda c: c["llm_config"].update(rope_scaling={"type": "dynamic", "factor": 2.0}), r"config\.json: key 'llm_config\.rope_scaling'"),
+    (lambda c: c["llm_config"].update(rope_theta=1e6),
+     r"config\.json: key 'embedding_config\.rope_theta' = 10000\.0 but 'llm_config\.rope_theta' = 1000000\.0"),
+    (lambda c: c["embedding_config"].update(pixel_shuffle_loc="post"),
+     r"config\.json: key 'embedding_config\.pixel_shuffle_loc' = 'post' is not supported"),
+    (lambda c: c["llm_config"].update(rope_scaling={"type": "dynamic", "factor": 2.0}),
+     r"config\.json: key 'llm_config\.rope_scaling'"),
+    (lambda c: c["llm_config"].update(hidden_size=-32),
+     r"config\.json: key 'llm_config\.hidden_size' must be a positive integer, got -32"),
+    (lambda c: c.update(force_image_size=32),
+     r"config\.json: key 'force_image_size' = 32 but 'embedding_config\.image_size' = 16"),
+    (lambda c: c["embedding_config"].update(special_token_maps={"<x>": 1}),
+     r"config\.json: key 'embedding_config\.special_token_maps' = .* is not supported"),
 ])
 def test_bad_config_keys(hovle_dir, tmp_path, edit, pattern):
     d = copy_of(hovle_dir, tmp_path)
@@ -352,3 +373,61 @@ def test_bad_config_keys(hovle_dir, tmp_path, edit, pattern):
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(CheckpointError, match=pattern):
         convert.load_model(d)
+
+
+def test_position_table_without_class_slot(hovle_dir, tmp_path):
+    d = copy_of(hovle_dir, tmp_path)
+    shard = os.path.join(d, "model-00001-of-00002.safetensors")
+    t = load_file(shard)
+    key = "embedding_model.vision_embeddings.position_embedding"
+    full = t[key]
+    t[key] = full[:, 1:].contiguous()                   # (1, g*g, D): accepted, same model
+    save_file(t, shard)
+    assert torch.equal(convert.load_model(d).vision.position_embedding, full[:, 1:])
+    t[key] = full[:, 2:].contiguous()                   # neither shape: both are named
+    save_file(t, shard)
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: key '.*position_embedding' has "
+                                              r"shape \(1, 15, 32\), expected \(1, 17, 32\) or \(1, 16, 32\)"):
+        convert.load_model(d)
+
+
+def test_no_folder_no_weights_bad_ids(hovle_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint folder"):
+        convert.load_model(str(tmp_path / "nowhere"))
+    d = copy_of(hovle_dir, tmp_path)
+    for f in os.listdir(d):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(d, f))
+    os.remove(os.path.join(d, "model.safetensors.index.json"))
+    with pytest.raises(CheckpointError, match=r"ckpt: no weights: expected model\.safetensors"):
+        convert.load_model(d)
+    with pytest.raises(InputError, match=r"hovle\d*: img_context_id 50 is not a token id \(vocab_size 50\)"):
+        convert.load_model(hovle_dir, img_context_id=50)
+    out = str(tmp_path / "ours")
+    convert.load_model(hovle_dir).save_pretrained(out)
+    with pytest.raises(InputError, match=r"ours: img_context_id is fixed by its config\.json \(6\)"):
+        convert.load_model(out, img_context_id=5)
+
+
+def test_llama_head_dim_unsupported(tmp_path):
+    d = str(tmp_path / "llama")
+    write_tiny_llama(d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["head_dim"] = 16
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(CheckpointError,
+                       match=r"config\.json: key 'head_dim' = 16 != hidden_size / num_attention_heads"):
+        convert.load_model(d)
+
+
+def test_cli_imports_and_saves(hovle_dir, tmp_path, capsys):
+    out = str(tmp_path / "imported")
+    convert.main([hovle_dir, "--out", out, "--dtype", "float64"])
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "hovle" in line and "4 layers" in line and f"wrote {out}" in line
+    model = convert.load_model(out)
+    assert convert.detect_format(out) == "native" and model.lm_head.weight.dtype == F64
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bad = str(tmp_path / "nowhere")
+    r = subprocess.run([sys.executable, os.path.join(root, "convert.py"), bad], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == f"error: {bad}: no such checkpoint folder\n"

@@ -10,8 +10,8 @@ from PIL import Image
 
 import data
 from data import (CATEGORIES, COLOR_NAMES, GENERATORS, IMAGE_TOKENS, NUM_CELL_CLASSES, PLURALS,
-                  SHAPES, TOKENIZER, DataConfig, DataError, Sample, collate, describe_cell,
-                  draw_scene, image_to_tensor, load_jsonl, prompt_ids, sample_at, sample_rng, score)
+                  SHAPES, TOKENIZER, DataConfig, DataError, Sample, chat_ids, collate, describe_cell,
+                  draw_scene, image_to_tensor, load_jsonl, sample_at, sample_rng, score)
 
 CFG = DataConfig()
 
@@ -31,7 +31,7 @@ def oracle(samples, answer=lambda s: s.answer):
         rows = []
         for ids, px in zip(input_ids.tolist(), pixel_values):
             text = TOKENIZER.decode(ids)
-            question = text.split("</img>\n")[1].split("<|im_end|>")[0]
+            question = text.split("<|im_start|>user\n")[-1].split("</img>\n")[-1].split("<|im_end|>")[0]
             uint8 = ((px + 1) * 127.5).round().to(torch.uint8)
             out = TOKENIZER.encode(table[(question, image_key(uint8))]) + [eos_id]
             out = (out + TOKENIZER.encode(" junk junk junk junk"))[:max_new_tokens]
@@ -45,8 +45,7 @@ def garbage(input_ids, pixel_values, max_new_tokens, eos_id):
 
 
 def test_constants_and_config():
-    assert IMAGE_TOKENS == 64 == CFG.n_cells == data.num_image_tokens(128, 8, 0.5)
-    assert data.num_image_tokens(448, 14, 0.5) == 256  # HoVLE
+    assert IMAGE_TOKENS == 64 == CFG.n_cells
     assert NUM_CELL_CLASSES == 1 + len(SHAPES) * len(COLOR_NAMES) + len(data.GLYPHS)
     assert set(data.CHANCE) == set(CATEGORIES) and max(data.CHANCE.values()) <= 0.5
     for bad in (dict(image_size=100), dict(max_count=9), dict(text_max_len=1),
@@ -94,8 +93,10 @@ def write_hand_dataset(root):
 
 def test_hand_written_dataset_loads_batches_and_scores(tmp_path):
     samples = load_jsonl(write_hand_dataset(tmp_path))
-    assert [s.question for s in samples] == ["What colour fills this picture?",
-                                             "Is the picture grey?", "Décris l'image"]
+    assert [s.turns for s in samples] == [[("What colour fills this picture?", "Red")],
+                                          [("Is the picture grey?", "yes"), ("Sure?", "yes")],
+                                          [("Décris l'image", "bleu uni")]]
+    assert [s.question for s in samples] == ["What colour fills this picture?", "Sure?", "Décris l'image"]
     assert [s.answer for s in samples] == ["Red", "yes", "bleu uni"]
     assert [s.category for s in samples] == ["custom", "custom", "mine"]
     assert all(s.cells is None and s.image.shape == (3, 128, 128) for s in samples)
@@ -107,8 +108,8 @@ def test_hand_written_dataset_loads_batches_and_scores(tmp_path):
     assert result["accuracy"] == {"custom": 1.0, "mine": 1.0} and result["mean"] == 1.0
     result = score(garbage, samples)
     assert result["mean"] == 0.0
-    table = data.format_table(result)
-    assert "custom" in table and "mine" in table and "0.0%" in table
+    table = data.format_table({"garbage": result})
+    assert "custom" in table and "mine" in table and "0.0%" in table and "garbage" in table
 
 
 def test_scoring_synthetic_with_oracle_and_table():
@@ -117,8 +118,10 @@ def test_scoring_synthetic_with_oracle_and_table():
     assert list(result["accuracy"]) == list(CATEGORIES)
     assert all(a == 1.0 for a in result["accuracy"].values()) and result["n"]["text"] == 2
     assert result["predictions"] == [s.answer for s in samples]
-    table = data.format_table(result)
+    table = data.format_table({"oracle": result, "twice": result})
     assert "chance" in table and "50.0%" in table and "100.0%" in table
+    lines = table.splitlines()
+    assert lines[0].split()[-2:] == ["oracle", "twice"] and lines[1].split()[-2:] == ["100.0%", "100.0%"]
     # scoring normalises case, surrounding whitespace and a final full stop
     shout = oracle(samples, answer=lambda s: f"  {s.answer.upper()}. ")
     assert score(shout, samples, max_new_tokens=16)["mean"] == 1.0
@@ -135,10 +138,10 @@ GOOD = json.dumps({"image": "ok.png", "conversations": [
 
 @pytest.mark.parametrize("bad_line, message", [
     ('{"image": "ok.png", "conversations": [', "malformed JSON"),
-    (GOOD.replace("ok.png", "missing.png"), "not found"),
-    (GOOD.replace("ok.png", "broken.png"), "cannot read image"),
+    (GOOD.replace("ok.png", "missing.png"), "missing.png: no such image file"),
+    (GOOD.replace("ok.png", "broken.png"), "broken.png: cannot read the image"),
     (json.dumps({"image": "ok.png", "conversations": [{"from": "human", "value": "q?"}]}),
-     "without an answer"),
+     "no question with an answer"),
 ])
 def test_bad_data_names_file_and_line(tmp_path, bad_line, message):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
@@ -189,7 +192,8 @@ def test_template_and_answer_mask():
         assert TOKENIZER.decode(row) == ("<s><|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 64 +
                                          "</img>\n" + s.question + "<|im_end|><|im_start|>"
                                          "assistant\n" + s.answer + "<|im_end|>")
-        assert row[:len(prompt_ids(s.question))] == prompt_ids(s.question)
+        prompt = chat_ids(s.turns, last_answer=False)[0]
+        assert row[:len(prompt)] == prompt
         assert torch.equal(batch["labels"][k][mask[k]], ids[k][mask[k]])
         assert (batch["labels"][k][~mask[k]] == -100).all()
         assert batch["cells"][k].tolist() == s.cells
@@ -198,14 +202,16 @@ def test_template_and_answer_mask():
     assert batch["category"] == list(CATEGORIES)
 
 
-def test_dataset_and_dataloader():
-    ds = data.SyntheticDataset(CFG, "train", seed=5, length=10)
-    loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate)
-    batch = next(iter(loader))
-    assert batch["input_ids"].shape[0] == 5 and batch["cells"].shape == (5, 64)
-    assert ds[3].question == ds[3].question == sample_at(CFG, "train", 5, 3).question
-    with pytest.raises(IndexError):
-        ds[10]
+def test_multi_turn_template_trains_every_answer():
+    turns = [("What color is the square?", "red"), ("Is it big?", "no")]
+    ids, mask = chat_ids(turns)
+    text = TOKENIZER.decode(ids)
+    assert text == ("<s><|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 64 + "</img>\nWhat color is the square?"
+                    "<|im_end|><|im_start|>assistant\nred<|im_end|><|im_start|>user\nIs it big?<|im_end|>"
+                    "<|im_start|>assistant\nno<|im_end|>")
+    assert TOKENIZER.decode([i for i, m in zip(ids, mask) if m]) == "red<|im_end|>no<|im_end|>"
+    prompt, _ = chat_ids(turns, last_answer=False)                   # what generation continues
+    assert prompt == ids[:len(prompt)] and TOKENIZER.decode(ids[len(prompt):]) == "no<|im_end|>"
 
 
 def draw_questions(n, split="train", seed=0):

@@ -1,4 +1,7 @@
-"""Tests of distill.py: trainable sets per stage, gradient isolation, KL, resume, NaN stop, DDP."""
+"""Tests of distill.py: trainable sets per stage, gradient isolation, losses against hand-computed
+values, the data-chosen placement against a hand-run swap, training on a user's JSONL, resume, NaN
+stop, one-line errors, DDP."""
+import dataclasses
 import json
 import math
 import os
@@ -7,17 +10,16 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import distill
 from grounding import GroundingConfig
-from model import Model, ModelConfig, make_layers
-from seed import convert
+from model import Model, ModelConfig
+from seed import seed_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-SMALL_GROUNDING = GroundingConfig(look=(0, 0), gather_first=(1, 0), gather_last=(1, 3), read=(2, 0))
+SMALL_HINTS = GroundingConfig(look=(0, 0), gather_first=(1, 0), gather_last=(1, 3), read=(2, 0))
 
 
 def tiny_cfg(layers=("attn",) * 3):
@@ -28,17 +30,15 @@ def tiny_cfg(layers=("attn",) * 3):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     torch.manual_seed(0)
-    teacher = Model(tiny_cfg())
     path = tmp_path_factory.mktemp("teacher")
-    teacher.save_pretrained(str(path))
+    Model(tiny_cfg()).save_pretrained(str(path))
     return str(path)
 
 
 def cfg_for(stage, out, teacher_dir, **kw):
-    base = dict(stage=stage, out=str(out), teacher=teacher_dir, steps=6, batch_size=4, save_every=2,
+    base = dict(stage=str(stage), out=str(out), teacher=teacher_dir, steps=6, batch_size=4, save_every=2,
                 eval_per_category=1)
-    base.update(kw)
-    return distill.DistillConfig(**base)
+    return distill.TrainConfig(**{**base, **kw})
 
 
 def test_default_model_matches_tokenizer():
@@ -47,7 +47,7 @@ def test_default_model_matches_tokenizer():
     assert cfg.image_tokens == data.IMAGE_TOKENS
 
 
-# ---------------------------------------------------------------- trainable sets (DESIGN section 6)
+# ---------------------------------------------------------------- the recipe
 
 MIXER_NEW = ["conv1d.weight", "conv1d.bias", "wdt.weight", "dt_bias", "A_log", "norm.weight", "wg.weight"]
 
@@ -60,7 +60,7 @@ MIXER_NEW = ["conv1d.weight", "conv1d.bias", "wdt.weight", "dt_bias", "A_log", "
 ])
 def test_trainable_parameters_per_stage(stage, names):
     teacher = Model(tiny_cfg())
-    student = convert(teacher, ["mamba2"] * 3)
+    student = seed_student(teacher, ["mamba2"] * 3)
     got = distill.set_trainable(student, teacher, stage)
     want = {f"layers.{i}.mixer.{n}" for i in range(3) for n in names}
     assert set(got) == want
@@ -69,9 +69,9 @@ def test_trainable_parameters_per_stage(stage, names):
 
 def test_stage3_hybrid_freezes_kept_attention(teacher_dir, tmp_path):
     teacher = distill.load_teacher(teacher_dir)
-    convert(teacher, ["mamba2"] * 3).save_pretrained(str(tmp_path / "stage2" / "model"))
+    seed_student(teacher, ["mamba2"] * 3).save_pretrained(str(tmp_path / "stage2" / "model"))
     cfg = cfg_for(3, tmp_path, teacher_dir, layers="hybrid", n_attn=1, placement="tail-stacked")
-    student = distill.initial_student(cfg, teacher)
+    student = distill.build_student(cfg, teacher)
     assert student.cfg.layers == ["mamba2", "mamba2", "attn"]
     for k, v in teacher.layers[2].state_dict().items():
         assert torch.equal(student.layers[2].state_dict()[k], v)
@@ -80,15 +80,27 @@ def test_stage3_hybrid_freezes_kept_attention(teacher_dir, tmp_path):
     assert not any(p.requires_grad for p in student.layers[2].parameters())
 
 
+def test_any_stage_can_start_from_the_seeded_student(teacher_dir, tmp_path):
+    """The Table 3 rows "2", "3", "2+3": a stage starts from the freshly seeded student."""
+    teacher = distill.load_teacher(teacher_dir)
+    want = seed_student(teacher, ["mamba2"] * 3, "inherit", torch.Generator().manual_seed(5))
+    for stage in (2, 3):
+        got = distill.build_student(cfg_for(stage, tmp_path, teacher_dir, student="seeded", init="inherit", seed=5),
+                                    teacher)
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+
+
 @pytest.mark.parametrize("stage", [1, 2])
-def test_layerwise_loss_isolates_layers(stage):
+def test_layer_loss_isolates_layers(stage):
     """Teacher forcing: layer i's loss sends no gradient to any other layer's parameters."""
     torch.manual_seed(0)
     teacher = Model(tiny_cfg())
-    student = convert(teacher, ["mamba2"] * 3)
+    student = seed_student(teacher, ["mamba2"] * 3)
     distill.set_trainable(student, teacher, stage)
+    obj = distill.Objective(distill.TrainConfig(stage=str(stage)), student, teacher)
+    obj.layers = [1]
     batch = data.collate([data.sample_at(data.DataConfig(), "train", 0, i) for i in range(2)])
-    loss, count = distill.layerwise_loss(student, teacher, batch, [1])
+    loss, count = distill.layer_loss(obj, batch)
     (loss / count).backward()
     for n, p in student.named_parameters():
         if not p.requires_grad:
@@ -98,6 +110,22 @@ def test_layerwise_loss_isolates_layers(stage):
         else:
             assert p.grad is None or p.grad.abs().sum() == 0, n
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_layer_loss_is_the_mean_squared_error_by_hand():
+    torch.manual_seed(1)
+    teacher = Model(tiny_cfg())
+    student = seed_student(teacher, ["mamba2"] * 3)
+    batch = data.collate([data.sample_at(data.DataConfig(), "train", 0, i) for i in range(3)])
+    with torch.no_grad():
+        total, count = distill.layer_loss(distill.Objective(distill.TrainConfig(stage="1"), student, teacher), batch)
+        _, hidden = teacher(batch["input_ids"], batch["pixel_values"], return_hidden=True)
+        errs = []
+        for i in range(3):
+            u = teacher.layers[i].attention_norm(hidden[i])
+            d = (student.layers[i].mixer.heads(u) - teacher.layers[i].mixer.heads(u)).pow(2)   # (b, L, H, P)
+            errs.append(d[batch["attention_mask"]].mean())                                 # padding left out
+    assert (total / count).item() == pytest.approx(1000 * sum(errs).item() / 3, rel=1e-5)
 
 
 # ---------------------------------------------------------------- losses
@@ -124,8 +152,7 @@ def test_kl_known_pair_per_token():
 def test_kl_answer_mask_is_the_positions_that_predict_answer_tokens():
     # oracle: logits[t] predict token t+1, so the answer-only KL must see exactly the positions t
     # with labels[t+1] scored (the positions answer_ce uses), and nothing else
-    dcfg = data.DataConfig()
-    batch = data.collate([data.sample_at(dcfg, "train", 0, i) for i in range(4)])
+    batch = data.collate([data.sample_at(data.DataConfig(), "train", 0, i) for i in range(4)])
     b, L = batch["input_ids"].shape
     predicts_answer = torch.zeros(b, L, dtype=torch.bool)
     predicts_answer[:, :-1] = batch["labels"][:, 1:] != data.IGNORE_INDEX
@@ -149,10 +176,31 @@ def test_answer_ce_counts_answer_tokens_only():
 
 
 def test_wsd_schedule():
-    cfg = distill.DistillConfig(stage=1, steps=100, lr=1.0)
+    cfg = distill.TrainConfig(stage="1", steps=100, lr=1.0)
     lrs = [distill.wsd_lr(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.2) and lrs[4] == 1.0 and lrs[50] == 1.0
     assert lrs[99] == pytest.approx(1 / 20) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_data_chosen_placement_is_the_largest_swap_kl():
+    """choose_attention_layers against the swap done by hand: a model built from the teacher's
+    layers with layer i's mixer replaced, its KL from the teacher on the same batches."""
+    torch.manual_seed(2)
+    teacher = Model(tiny_cfg()).eval()
+    student = seed_student(teacher, ["mamba2"] * 3, generator=torch.Generator().manual_seed(0))
+    chosen = distill.choose_attention_layers(student, teacher, 2, seed=0, n_batches=2)
+    batches = [distill.train_batch(s, distill.TrainConfig(stage="3", seed=0), 0, 1, None) for s in range(2)]
+    kl = []
+    for i in range(3):
+        probe = seed_student(teacher, ["attn"] * 3)                   # a copy of the teacher
+        probe.layers[i] = student.layers[i]
+        with torch.no_grad():
+            sums = [distill.kl_per_token(teacher(b["input_ids"], b["pixel_values"]),
+                                         probe(b["input_ids"], b["pixel_values"]), b["attention_mask"]) for b in batches]
+        kl.append(sum(s for s, _ in sums) / sum(n for _, n in sums))
+    assert chosen == sorted(sorted(range(3), key=lambda i: -kl[i])[:2])
+    assert all(isinstance(b.mixer, torch.nn.Module) for b in teacher.layers) and teacher.cfg.layers == ["attn"] * 3
+    assert all(b.kind == "attn" for b in teacher.layers)              # the teacher got its layers back
 
 
 # ---------------------------------------------------------------- the loop
@@ -160,10 +208,9 @@ def test_wsd_schedule():
 
 def test_stage0_loss_falls(tmp_path):
     torch.manual_seed(0)
-    cfg = distill.DistillConfig(stage=0, out=str(tmp_path), steps=12, batch_size=8, lr=1e-2, save_every=100,
-                                ground_weight=1.0, embed_std=0.5, grounding=SMALL_GROUNDING)
-    student = distill.train_stage(cfg, student=Model(tiny_cfg()))
-    losses = student.train_losses
+    cfg = distill.TrainConfig(stage="0", out=str(tmp_path), steps=12, batch_size=8, lr=1e-2, save_every=100,
+                              hints=SMALL_HINTS)
+    losses = distill.train(cfg, Model(tiny_cfg()), None)
     assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3])
     assert os.path.exists(tmp_path / "stage0" / "model" / "model.safetensors")
 
@@ -171,49 +218,127 @@ def test_stage0_loss_falls(tmp_path):
 def test_stage1_lowers_layer_mse(teacher_dir, tmp_path):
     teacher = distill.load_teacher(teacher_dir)
     cfg = cfg_for(1, tmp_path, teacher_dir, steps=15, lr=1e-2)
-    batch = distill.eval_batch(n=8)
-    before = distill.mean_layer_mse(distill.initial_student(cfg, teacher), teacher, batch)
-    student = distill.train_stage(cfg, teacher)
-    after = distill.mean_layer_mse(student, teacher, batch)
-    assert after < 0.5 * before
+    batch = data.collate(distill.test_samples(2))
+    student = distill.build_student(cfg, teacher)
+    before = distill.mean_layer_mse(student, teacher, batch)
+    distill.train(cfg, student, teacher)
+    assert distill.mean_layer_mse(student, teacher, batch) < 0.5 * before
 
 
-def test_resume_gives_same_weights(teacher_dir, tmp_path):
-    full = distill.train_stage(cfg_for(1, tmp_path / "a", teacher_dir))
-    distill.train_stage(cfg_for(1, tmp_path / "b", teacher_dir), stop_after=3)   # "interrupted" after step 3
-    ckpt = torch.load(tmp_path / "b" / "stage1" / "ckpt.pt", weights_only=False)
-    assert ckpt["step"] == 2                                                     # the last save
-    resumed = distill.train_stage(cfg_for(1, tmp_path / "b", teacher_dir, resume=True))
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, n):
+    """Make the n+1-th training batch raise, as if the run were killed after n steps."""
+    calls, real = [0], distill.train_batch
+
+    def batch(*a):
+        calls[0] += 1
+        if calls[0] > n:
+            raise Interrupt
+        return real(*a)
+    monkeypatch.setattr(distill, "train_batch", batch)
+
+
+def test_resume_gives_same_weights(teacher_dir, tmp_path, monkeypatch):
+    teacher = distill.load_teacher(teacher_dir)
+    full = distill.build_student(cfg_for(1, tmp_path / "a", teacher_dir), teacher)
+    distill.train(cfg_for(1, tmp_path / "a", teacher_dir), full, teacher)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 3)
+        with pytest.raises(Interrupt):
+            cfg = cfg_for(1, tmp_path / "b", teacher_dir)
+            distill.train(cfg, distill.build_student(cfg, teacher), teacher)
+    assert torch.load(tmp_path / "b" / "stage1" / "ckpt.pt", weights_only=False)["step"] == 2   # the last save
+    cfg = cfg_for(1, tmp_path / "b", teacher_dir, resume=True)
+    resumed = distill.build_student(cfg, teacher)
+    distill.train(cfg, resumed, teacher)
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
-    logs = [json.loads(l) for l in open(tmp_path / "b" / "stage1" / "log.jsonl")]
-    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6]                       # no step logged twice
+    logs = [json.loads(line) for line in open(tmp_path / "b" / "stage1" / "log.jsonl")]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6]                     # no step logged twice
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(teacher_dir, tmp_path):
-    hook = lambda step, loss: float("nan") if step == 3 else loss               # step index 3 = 4th step
+def test_nan_loss_stops_and_keeps_last_checkpoint(teacher_dir, tmp_path, monkeypatch):
+    teacher = distill.load_teacher(teacher_dir)
+    calls, real = [0], distill.STAGES[1].loss
+
+    def nan_at_step_3(obj, batch):
+        calls[0] += 1
+        total, n = real(obj, batch)
+        return (total * float("nan"), n) if calls[0] == 4 else (total, n)
+    monkeypatch.setitem(distill.STAGES, 1, dataclasses.replace(distill.STAGES[1], loss=nan_at_step_3))
+    cfg = cfg_for(1, tmp_path, teacher_dir)
     with pytest.raises(distill.NonFiniteLoss, match=r"loss is nan at step 3.*ckpt\.pt \(step 2\)"):
-        distill.train_stage(cfg_for(1, tmp_path, teacher_dir), loss_hook=hook)
+        distill.train(cfg, distill.build_student(cfg, teacher), teacher)
     ckpt = torch.load(tmp_path / "stage1" / "ckpt.pt", weights_only=False)
-    assert ckpt["step"] == 2
-    ref = distill.train_stage(cfg_for(1, tmp_path / "ref", teacher_dir, steps=6), stop_after=2)
+    assert ckpt["step"] == 2 and not os.path.exists(tmp_path / "stage1" / "model")
+    monkeypatch.setitem(distill.STAGES, 1, dataclasses.replace(distill.STAGES[1], loss=real))
+    ref_cfg = cfg_for(1, tmp_path / "ref", teacher_dir, steps=6, save_every=100)
+    ref = distill.build_student(ref_cfg, teacher)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)
+        with pytest.raises(Interrupt):
+            distill.train(ref_cfg, ref, teacher)
     for k, v in ref.state_dict().items():
-        assert torch.equal(ckpt["model"][k], v), k
-    assert not os.path.exists(tmp_path / "stage1" / "model")
+        assert torch.equal(ckpt["objective"]["student." + k], v), k
 
 
-def test_main_exits_with_message_on_nan(monkeypatch, capsys):
-    def boom(cfg):
-        raise distill.NonFiniteLoss("stage 1: the loss is nan at step 7; stopped.")
-    monkeypatch.setattr(distill, "run_stage", boom)
-    with pytest.raises(SystemExit) as e:
-        distill.main(["--stage", "1"])
-    assert e.value.code == 1 and "nan at step 7" in capsys.readouterr().err
+def test_command_line_errors_are_one_line(tmp_path):
+    """Bad input ends with `error: <file>: <problem>` and exit status 1, no traceback."""
+    cases = [(["--stage", "1", "--teacher", str(tmp_path / "nope")], "nope: no such checkpoint folder"),
+             (["--stage", "2", "--out", str(tmp_path)], "stage1/model: stage 2 starts from this folder"),
+             (["--eval", "checkpoints/teacher", "--eval-data", str(tmp_path / "x.jsonl")], "x.jsonl: no such data file")]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "distill.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr[-500:]
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_missing_previous_stage_is_a_clear_error(teacher_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="run stage 1 first"):
-        distill.initial_student(cfg_for(2, tmp_path, teacher_dir), distill.load_teacher(teacher_dir))
+def write_own_jsonl(root):
+    """A user's own data: PNGs of other sizes, no cells, one multi-turn record."""
+    (root / "pics").mkdir()
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(root / "pics" / "red.png")
+    Image.new("RGB", (200, 150), (0, 0, 255)).save(root / "pics" / "blue.png")
+    records = [{"image": "pics/red.png", "category": "colour", "conversations": [
+                   {"from": "human", "value": "<image>\nWhat color is the picture?"}, {"from": "gpt", "value": "red"}]},
+               {"image": "pics/blue.png", "category": "colour", "conversations": [
+                   {"from": "human", "value": "<image>\nWhat color is the picture?"}, {"from": "gpt", "value": "blue"},
+                   {"from": "human", "value": "Is it red?"}, {"from": "gpt", "value": "no"}]}]
+    (root / "own.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return root / "own.jsonl"
+
+
+def test_distil_and_evaluate_on_own_jsonl(teacher_dir, tmp_path, capsys, monkeypatch):
+    path = write_own_jsonl(tmp_path)
+    samples = data.load_jsonl(path)
+    batch = data.collate(samples)                                   # both answers of the multi-turn record train
+    assert batch["answer_mask"][1].sum() == len(data.TOKENIZER.encode("blue")) + len(data.TOKENIZER.encode("no")) + 2
+    out = tmp_path / "run"
+    distill.main(["--stage", "1", "--teacher", teacher_dir, "--data", str(path), "--steps", "3", "--batch-size", "2",
+                  "--out", str(out), "--eval-per-category", "0"])
+    distill.main(["--stage", "3", "--teacher", teacher_dir, "--data", str(path), "--steps", "3", "--batch-size", "2",
+                  "--out", str(out), "--student", str(out / "stage1" / "model"), "--eval-per-category", "0"])
+    assert len(open(out / "stage3" / "log.jsonl").readlines()) == 3
+    monkeypatch.chdir(tmp_path)                                     # predictions go to runs/eval/ here
+    result = distill.main(["--eval", str(out / "stage3" / "model"), "--eval-data", str(path)])
+    table = capsys.readouterr().out
+    assert "colour" in table and "model" in table
+    saved = json.load(open(tmp_path / "runs" / "eval" / "model.json"))
+    assert [s["answer"] for s in saved["samples"]] == ["red", "no"] and saved["n"] == {"colour": 2}
+    assert [s["question"] for s in saved["samples"]] == ["What color is the picture?", "Is it red?"]
+    hits = sum(data.normalize_answer(s["prediction"]) == data.normalize_answer(s["answer"]) for s in saved["samples"])
+    assert saved["accuracy"]["colour"] == hits / 2 == result["accuracy"]["colour"]
+
+
+def test_a_bad_record_stops_before_training(teacher_dir, tmp_path):
+    path = write_own_jsonl(tmp_path)
+    path.write_text(path.read_text() + '{"image": "pics/missing.png", "conversations": [{"from": "human", "value": '
+                    '"q"}, {"from": "gpt", "value": "a"}]}\n')
+    with pytest.raises(data.DataError, match=r"own\.jsonl:3: .*missing\.png: no such image file"):
+        distill.main(["--stage", "1", "--teacher", teacher_dir, "--data", str(path), "--out", str(tmp_path / "r")])
+    assert not os.path.exists(tmp_path / "r")
 
 
 @pytest.mark.slow
@@ -229,7 +354,7 @@ def test_two_processes_match_one(teacher_dir, tmp_path):
                           "distill.py", *args, "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    read = lambda d: [json.loads(l)["loss"] for l in open(tmp_path / d / "stage1" / "log.jsonl")]
+    read = lambda d: [json.loads(line)["loss"] for line in open(tmp_path / d / "stage1" / "log.jsonl")]
     l1, l2 = read("one"), read("two")
     assert len(l1) == len(l2) == 4
     assert l2 == pytest.approx(l1, rel=1e-5)

@@ -39,10 +39,36 @@ def probe_ce(linear, h, labels):
     return total
 
 
+def head_map(model, hidden, layer, head, k, n):
+    """Attention map (n, n) of one query head, written out: q, k with RoPE as complex rotations,
+    softmax(q k^T / sqrt(P)) under the causal mask."""
+    cfg, block = model.cfg, model.layers[layer]
+    P, theta = cfg.head_dim, cfg.rope_theta
+    u = block.attention_norm(hidden[layer][k, :n]).double()
+    q = (u @ block.mixer.wq.weight.double().T).view(n, cfg.n_heads, P)[:, head]
+    key = (u @ block.mixer.wk.weight.double().T).view(n, cfg.n_kv_heads, P)[:, head // cfg.heads_per_kv]
+    ang = torch.arange(n, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, P, 2, dtype=torch.float64) / P)
+    rot = lambda x: torch.view_as_real(torch.complex(x[:, :P // 2], x[:, P // 2:]) * torch.exp(1j * ang)).transpose(1, 2).reshape(n, P)
+    scores = rot(q) @ rot(key).T / P ** 0.5
+    return scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+
+
+def test_role_probs_is_one_heads_attention_map():
+    torch.manual_seed(1)
+    model = tiny().double()
+    batch = data.collate([data.sample_at(data.DataConfig(), "train", 0, i) for i in range(2)])
+    _, hidden = model(batch["input_ids"], batch["pixel_values"].double(), return_hidden=True)
+    n = batch["input_ids"].shape[1]
+    for layer, head in ((0, 0), (1, 3), (2, 1)):
+        got = grounding.role_probs(model, hidden, layer, head)
+        for k in range(2):
+            assert ((got[k] - head_map(model, hidden, layer, head, k, n)).norm() / got[k].norm()).item() < 1e-12
+
+
 def hand_loss(model, hidden, k, s, roles, probes):
     """One sample's loss, from its question and cells, without grounding.targets."""
-    ids, _ = data.example_ids(s.question, s.answer)
-    prompt = data.prompt_ids(s.question)
+    ids, _ = data.chat_ids(s.turns)
+    prompt = data.chat_ids(s.turns, last_answer=False)[0]
     q = TOK.encode(s.question)
     assert TOK.decode(prompt[-(len(q) + 4):]) == s.question + "<|im_end|><|im_start|>assistant\n"
     q0 = len(prompt) - len(q) - 4                                     # the question's first token
@@ -52,9 +78,7 @@ def hand_loss(model, hidden, k, s, roles, probes):
     answer_from = range(len(prompt) - 1, len(ids) - 1)               # positions predicting answer + <|im_end|>
 
     def p(role):
-        layer, head = getattr(roles, role)
-        block = model.layers[layer]
-        return block.mixer.probs(block.attention_norm(hidden[layer][k:k + 1, :len(ids)]), head)[0]
+        return head_map(model, hidden, *getattr(roles, role), k, len(ids)).float()
 
     total = 0.0
     if s.cells is not None and words:
@@ -91,8 +115,8 @@ def test_grounding_loss_matches_a_hand_computed_sum():
     model = tiny()
     samples = [data.sample_at(data.DataConfig(), "train", 3, i) for i in range(14)]  # two per category
     # a user's sample without cells (gather only) and one whose question names nothing (adds 0)
-    samples += [data.Sample(samples[0].image, samples[1].question, "2", "custom", None),
-                data.Sample(samples[0].image, "What is in the image?", "shapes", "custom", samples[0].cells)]
+    samples += [data.Sample(samples[0].image, [(samples[1].question, "2")], "custom", None),
+                data.Sample(samples[0].image, [("What is in the image?", "shapes")], "custom", samples[0].cells)]
     batch = data.collate(samples)
     _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
     probes = grounding.Probes(32)
@@ -126,4 +150,4 @@ def test_roles_must_name_attention_heads():
     with pytest.raises(ValueError, match="look must be a"):
         GroundingConfig(look=(0,))
     with pytest.raises(ValueError, match="grounding role"):
-        distill.Objective(0, tiny(), None, distill.DistillConfig(stage=0, ground_weight=1.0))  # default roles: 8 layers
+        distill.Objective(distill.TrainConfig(stage="0", ground_weight=1.0), tiny(), None)  # default roles: 8 layers

@@ -6,38 +6,34 @@ import torch
 import torch.nn.functional as F
 
 import ssd
-from ssd import ssd_chunked, ssd_naive, ssd_step, ssd_triton
-
-triton_available = ssd.triton is not None
-needs_triton = pytest.mark.skipif(not triton_available, reason="triton is not installed")
+from ssd import ssd_chunked, ssd_naive, ssd_step
 
 
 def oracle(x, dt, A, B, C, D=None, h0=None):
     """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t, per head, in float64."""
     x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
-    b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    b, L, Hx, P = x.shape
+    H, G, Gc, N = dt.shape[2], B.shape[2], C.shape[2], B.shape[3]
     out = torch.zeros(b, L, H, P, dtype=torch.float64)
     hT = torch.zeros(b, H, P, N, dtype=torch.float64)
     for i in range(b):
         for h in range(H):
-            g = h // (H // G)
+            hx, g, gc = h // (H // Hx), h // (H // G), h // (H // Gc)   # the groups head h reads
             s = torch.zeros(P, N, dtype=torch.float64) if h0 is None else h0[i, h].double()
             for t in range(L):
-                s = torch.exp(dt[i, t, h] * A[h]) * s + dt[i, t, h] * torch.outer(x[i, t, h], B[i, t, g])
-                out[i, t, h] = s @ C[i, t, g]
+                s = torch.exp(dt[i, t, h] * A[h]) * s + dt[i, t, h] * torch.outer(x[i, t, hx], B[i, t, g])
+                out[i, t, h] = s @ C[i, t, gc]
                 if D is not None:
-                    out[i, t, h] = out[i, t, h] + D[h].double() * x[i, t, h]
+                    out[i, t, h] = out[i, t, h] + D[h].double() * x[i, t, hx]
             hT[i, h] = s
     return out, hT
 
 
 def oracle_vectorised(x, dt, A, B, C, D=None, h0=None):
     """The same loop over t, vectorised over batch and heads, differentiable (for gradients)."""
-    b, L, H, P = x.shape
-    G = B.shape[2]
-    Bh = B.repeat_interleave(H // G, dim=2)
-    Ch = C.repeat_interleave(H // G, dim=2)
+    b, L, _, P = x.shape
+    H = dt.shape[2]
+    x, Bh, Ch = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (x, B, C))
     s = torch.zeros(b, H, P, B.shape[3], dtype=x.dtype) if h0 is None else h0
     ys = []
     for t in range(L):
@@ -53,8 +49,9 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def inputs(b=2, L=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, D=True, h0=True):
-    return ssd.random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0)
+def inputs(b=2, L=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, D=True, h0=True, Hx=None, Gc=None):
+    return ssd.random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0,
+                             Hx=Hx, Gc=Gc)
 
 
 def test_oracles_agree():
@@ -88,15 +85,35 @@ def test_naive_matches_oracle():
     assert rel(y, y_ref) <= 1e-12 and rel(h, h_ref) <= 1e-12
 
 
-def test_dispatch_and_bad_impl():
-    args = inputs(L=11)
-    y, _ = ssd.ssd(*args, chunk_size=4)
-    y_ref, _ = oracle(*args)
-    assert rel(y, y_ref) <= 1e-10
-    y2, _ = ssd.ssd(*args, impl="naive")
-    assert rel(y2, y_ref) <= 1e-10
-    with pytest.raises(ValueError, match="impl"):
-        ssd.ssd(*args, impl="fast")
+@pytest.mark.parametrize("Hx,G,Gc", [(2, 2, 4), (1, 2, 1), (4, 1, 2)])
+def test_grouped_x_B_C_match_oracle(Hx, G, Gc):
+    """GQA as the mixer uses it: x, B and C each read by index from their own number of groups."""
+    args = inputs(L=29, G=G, Hx=Hx, Gc=Gc)
+    y_ref, h_ref = oracle(*args)
+    for fn in (ssd_naive, ssd_chunked):
+        y, h = fn(*args, chunk_size=8)
+        assert rel(y, y_ref) <= 1e-10 and rel(h, h_ref) <= 1e-10, fn.__name__
+    x, dt, A, B, C, D, h0 = args
+    y_pre, state = ssd_chunked(x[:, :20], dt[:, :20], A, B[:, :20], C[:, :20], D, h0, chunk_size=8)
+    ys = [ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D)[0] for t in range(20, 29)]
+    assert rel(torch.cat([y_pre, torch.stack(ys, 1)], 1), y_ref) <= 1e-12
+    assert rel(state, h_ref) <= 1e-12
+
+
+def test_chunked_steps_are_the_papers_four():
+    """The step functions, called one by one on one chunk each, give the recurrence's states."""
+    x, dt, A, B, C, D, h0 = inputs(b=1, L=16, H=2, P=3, G=2, N=4)
+    c = lambda t: t.reshape(1, 2, 8, *t.shape[2:])                     # two chunks of Q = 8
+    cs = torch.cumsum(c(dt) * A, dim=2)
+    S = ssd.chunk_states(c(x), c(dt), c(B), cs)
+    H_in, hT = ssd.pass_states(S, cs[:, :, -1], h0)
+    _, h_mid = oracle(x[:, :8], dt[:, :8], A, B[:, :8], C[:, :8], None, h0)
+    _, h_end = oracle(x, dt, A, B, C, None, h0)
+    _, S1 = oracle(x[:, 8:], dt[:, 8:], A, B[:, 8:], C[:, 8:])          # chunk 1 from a zero state
+    assert rel(H_in[:, 0], h0) == 0 and rel(H_in[:, 1], h_mid) <= 1e-12 and rel(hT, h_end) <= 1e-12
+    assert rel(S[:, 1], S1) <= 1e-12
+    y = ssd.chunk_outputs(c(x), c(dt), c(B), c(C), cs, H_in).reshape(1, 16, 2, 3)
+    assert rel(y, oracle(x, dt, A, B, C, None, h0)[0]) <= 1e-12
 
 
 def test_chunked_float32_close_to_oracle():
@@ -146,10 +163,11 @@ def test_prefill_then_steps_equals_full(L, k):
     assert rel(state, h_full) <= 1e-12
 
 
-def test_step_keeps_float32_state():
+def test_step_keeps_float32_state_and_updates_it_in_place():
     x, dt, A, B, C, D, h0 = inputs(L=1, dtype=torch.float16)
-    y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0.float(), D)
-    assert state.dtype == torch.float32 and y.dtype == torch.float16
+    h = h0.float()
+    y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h, D)
+    assert state.dtype == torch.float32 and y.dtype == torch.float16 and state is h
 
 
 def test_long_sequence_float32_stable():
@@ -196,14 +214,15 @@ def good():
 
 @pytest.mark.parametrize("fn", [ssd_naive, ssd_chunked])
 @pytest.mark.parametrize("name,bad,pattern", [
-    ("x", lambda a: a["x"][0], r"x must have shape \(b, L, H, P\)"),
-    ("dt", lambda a: a["dt"][..., :3], r"dt must have shape \(b, L, H\) = \(2, 6, 4\)"),
+    ("x", lambda a: a["x"][0], r"x must have shape \(b, L, Hx, P\)"),
+    ("dt", lambda a: a["dt"][:, :3], r"dt must have shape \(b, L, H\) = \(2, 6, H\)"),
     ("A", lambda a: a["A"][:2], r"A must have shape \(H,\) = \(4,\)"),
     ("B", lambda a: a["B"][:, :5], r"B must have shape \(b, L, G, N\)"),
     ("B", lambda a: a["B"][:, :, 0], r"B must have shape \(b, L, G, N\)"),
-    ("C", lambda a: a["C"][..., :3], r"C must have shape \(b, L, G, N\) = \(2, 6, 2, 6\)"),
+    ("C", lambda a: a["C"][..., :3], r"C must have shape \(b, L, Gc, N\) = \(2, 6, Gc, 6\)"),
     ("D", lambda a: a["D"][:1], r"D must have shape \(H,\) = \(4,\)"),
-    ("initial_state", lambda a: a["initial_state"][:, :, :2], r"initial_state must have shape \(b, H, P, N\) = \(2, 4, 5, 6\)"),
+    ("initial_state", lambda a: a["initial_state"][:, :, :2],
+     r"initial_state must have shape \(b, H, P, N\) = \(2, 4, 5, 6\)"),
     ("A", lambda a: -a["A"], r"A must be <= 0"),
     ("dt", lambda a: -a["dt"], r"dt must be >= 0"),
     ("x", lambda a: a["x"].long(), r"x must be a floating-point tensor"),
@@ -217,98 +236,12 @@ def test_bad_inputs(fn, name, bad, pattern):
         fn(**a)
 
 
-def test_heads_not_multiple_of_groups():
+@pytest.mark.parametrize("name,groups", [("B", 3), ("C", 3), ("x", 3)])
+def test_heads_not_multiple_of_groups(name, groups):
     a = good()
-    a["B"] = torch.randn(2, 6, 3, 6)
-    a["C"] = torch.randn(2, 6, 3, 6)
-    with pytest.raises(ValueError, match="H = 4 must be a multiple of G"):
+    a[name] = torch.randn(*a[name].shape[:2], groups, a[name].shape[3])
+    with pytest.raises(ValueError, match=f"{name} has 3 heads/groups, but the number of heads H = 4"):
         ssd_chunked(**a)
-
-
-def test_step_bad_state_shape():
-    x, dt, A, B, C, D, h0 = inputs(L=1, dtype=torch.float32)
-    with pytest.raises(ValueError, match="initial_state must have shape"):
-        ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0[:, :, :2], D)
-
-
-# ---------------------------------------------------------------- Triton (interpreter on CPU)
-
-
-def dev():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@needs_triton
-@pytest.mark.parametrize("L,Q,G,P,N", [(37, 16, 2, 5, 6), (64, 16, 4, 16, 16), (3, 32, 1, 20, 17)])
-def test_triton_forward_float32(L, Q, G, P, N):
-    args = inputs(L=L, G=G, P=P, N=N)
-    y_ref, h_ref = oracle(*args)
-    y, h = ssd_triton(*(t.float().to(dev()) for t in args), chunk_size=Q)
-    assert y.dtype == torch.float32 and h.dtype == torch.float32
-    assert rel(y.cpu(), y_ref) <= 1e-5 and rel(h.cpu(), h_ref) <= 1e-5
-
-
-@needs_triton
-def test_triton_forward_without_D_and_state():
-    args = inputs(L=21, D=False, h0=False)
-    y_ref, h_ref = oracle(*args)
-    y, h = ssd_triton(*(None if t is None else t.float().to(dev()) for t in args), chunk_size=16)
-    assert rel(y.cpu(), y_ref) <= 1e-5 and rel(h.cpu(), h_ref) <= 1e-5
-
-
-@needs_triton
-def test_triton_float16():
-    args = inputs(L=40)
-    y_ref, _ = oracle(*args)
-    y, h = ssd_triton(*(t.half().to(dev()) for t in args[:-1]), args[-1].float().to(dev()), chunk_size=16)
-    assert y.dtype == torch.float16 and h.dtype == torch.float32
-    assert rel(y.cpu(), y_ref) <= 5e-3
-
-
-@needs_triton
-def test_triton_strided_input():
-    """Non-contiguous views (e.g. slices of a fused projection) give the same result."""
-    x, dt, A, B, C, D, h0 = inputs(L=19, dtype=torch.float32)
-    xbig = torch.cat([x, x], dim=-1)[..., :5]
-    y_ref, _ = oracle(x, dt, A, B, C, D, h0)
-    y, _ = ssd_triton(*(t.to(dev()) for t in (xbig, dt, A, B, C, D, h0)), chunk_size=16)
-    assert rel(y.cpu(), y_ref) <= 1e-5
-
-
-@needs_triton
-def test_triton_gradients_match_oracle():
-    base = inputs(L=25, G=2)
-    a64 = [t.clone().requires_grad_() for t in base]
-    a32 = [t.float().to(dev()).requires_grad_() for t in base]
-    g = torch.Generator().manual_seed(2)
-    wy = torch.randn(2, 25, 4, 5, generator=g, dtype=torch.float64)
-    wh = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64)
-    y, h = oracle_vectorised(*a64)
-    ((y * wy).sum() + (h * wh).sum()).backward()
-    y, h = ssd_triton(*a32, chunk_size=16)
-    ((y * wy.float().to(dev())).sum() + (h * wh.float().to(dev())).sum()).backward()
-    for name, t64, t32 in zip(["x", "dt", "A", "B", "C", "D", "h0"], a64, a32):
-        assert rel(t32.grad.cpu(), t64.grad) <= 1e-4, name
-
-
-@needs_triton
-def test_triton_strong_decay_no_nan():
-    args = [t.float().to(dev()).requires_grad_() for t in strong_decay_inputs(torch.float32)]
-    y, h = ssd_triton(*args, chunk_size=16)
-    (y.sum() + h.sum()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(h).all()
-    for t in args:
-        assert torch.isfinite(t.grad).all()
-    y_ref, _ = oracle(*[t.detach().cpu() for t in args])
-    assert rel(y.detach().cpu(), y_ref) <= 1e-5
-
-
-@needs_triton
-def test_triton_bad_input_is_checked():
-    a = good()
-    a["A"] = -a["A"]
-    with pytest.raises(ValueError, match="A must be <= 0"):
-        ssd_triton(**a)
 
 
 @pytest.mark.parametrize("block_chunks", [1, 3, 100])

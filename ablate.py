@@ -1,0 +1,258 @@
+"""The paper's ablations (Tables 3-6) in miniature, by one command, with error bars over seeds.
+
+    Table 3  which stages matter: none, 1, 2, 3, 1+2, 1+3, 2+3, 1+2+3, each from the freshly seeded
+             (inherit+mimic) all-Mamba-2 student
+    Table 4  which initialisation: scratch, inherit, inherit+mimic (seed.py), each through stages 1-3
+    Table 5  how many attention layers a hybrid keeps: 0, 1, 2, 4 of 8 (head-interleaved), and the
+             teacher (8 of 8)
+    Table 6  where, for k = 1 and k = 2: the paper's four placements and a fifth, data-chosen one
+             ("auto": distill.choose_attention_layers keeps attention where swapping the stage-2
+             mixer into the teacher raises the output KL most)
+
+Every row uses distill.py's default recipe on the bundled teacher and is scored on the same test
+questions (200 per category, greedy, exact match). A seed changes the student's random starting
+values and the order of the training data. Work is shared: a student is trained once per
+(initialisation, stage chain, kept layers) and reused by every row that starts from it (stage
+1 -> 2 -> 3 gives three Table 3 rows; the stage-2 student is shared by Tables 4-6).
+
+Writes one JSON per (table, row, seed) under results/ablation/ (rows already there are skipped, so
+an interrupted or spread-out run completes without redoing work), and results/ablation/tables.md:
+our rows (mean +- std over seeds) beside the paper's, and a verdict per ordering the paper claims.
+
+Run:  python ablate.py                        # all four tables, seeds 0 1 2 (hours on a CPU)
+      python ablate.py --tables 3 --seeds 0   # one table, one seed
+      python ablate.py --report-only          # rebuild tables.md from the JSON
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import distill
+from convert import load_model
+from model import PLACEMENTS, make_layers
+from seed import seed_student
+from utils import arg, git_commit, parse_config, read_json, run_main, write_json
+
+CATS = ("exist", "count", "color", "shape", "position", "text", "reason")
+PAPER_METRICS = ("MME", "POPE", "TextVQA", "SQA-I")
+PAPER = {  # mmMamba Tables 3-6 (HoVLE teacher: MME 1433.5, POPE 87.6, TextVQA 66.0, SQA-I 94.8)
+    "3": {"none": None, "1": (969.8, 70.6, 13.47, 40.8), "2": (1007.1, 72.9, 25.5, 52.1),
+          "3": (1188.4, 83.0, 40.0, 63.4), "1+2": (1108.9, 75.3, 28.0, 59.3), "1+3": (1263.1, 84.0, 42.5, 77.1),
+          "2+3": (1255.5, 83.5, 41.1, 72.1), "1+2+3": (1303.5, 85.2, 47.7, 79.2)},
+    "4": {"scratch": (1214.0, 83.1, 40.0, 67.4), "inherit": (1222.6, 84.0, 41.9, 73.3),
+          "inherit+mimic": (1303.5, 85.2, 47.7, 79.2)},
+    "5": {"0": (1303.5, 85.2, 47.7, 79.2), "1": (1304.3, 85.5, 48.0, 79.3), "2": (1318.4, 86.3, 48.4, 79.9),
+          "4": (1329.1, 86.8, 51.5, 82.8), "teacher": (1433.5, 87.6, 66.0, 94.8)},
+    "6": {"tail-stacked": (1305.5, 85.9, 53.7, 79.4), "head-stacked": (1329.4, 85.9, 55.0, 80.8),
+          "tail-interleaved": (1308.3, 86.1, 55.0, 86.5), "head-interleaved": (1371.1, 86.7, 55.1, 86.9)},
+}
+PAPER_NOTE = {  # how our rows line up with the paper's
+    "3": "the paper's rows 1-8, its stage check marks read as: none, 1, 2, 3, 1+2, 1+3, 2+3, all; no training is NaN there",
+    "5": "ours keep k of 8 layers, the paper's k of 32; its 8-of-32 hybrid row is not shown",
+    "6": "the paper keeps 8 of 32 layers: its rows are set beside our k = 2 rows; it has no data-chosen placement"}
+
+
+@dataclass
+class AblationConfig:
+    tables: list[str] = arg(["3", "4", "5", "6"], "paper tables to run")
+    seeds: list[int] = arg([0, 1, 2], "seeds: each one trains every row once")
+    teacher: str = arg("checkpoints/teacher", "teacher checkpoint folder")
+    work: str = arg("runs/ablation", "trained students (not committed)")
+    results: str = arg("results/ablation", "one JSON per (table, row, seed), and tables.md")
+    eval_per_category: int = arg(200, "test questions per category")
+    steps: int | None = arg(None, "override every stage's steps (tests; default: the recipe's)")
+    batch_size: int | None = arg(None, "override every stage's batch size (tests)")
+    report_only: bool = arg(False, "only rebuild tables.md from the JSON")
+
+
+@dataclass(frozen=True)
+class Row:
+    table: str
+    name: str
+    init: str = "inherit+mimic"
+    stages: tuple = (1, 2, 3)
+    n_attn: int = 0
+    placement: str = "head-interleaved"
+
+
+def rows(tables: list, n_layers: int) -> list:
+    """The rows of each paper table for a teacher of n_layers layers."""
+    out = []
+    if "3" in tables:
+        chains = {"none": (), "1": (1,), "2": (2,), "3": (3,), "1+2": (1, 2), "1+3": (1, 3), "2+3": (2, 3),
+                  "1+2+3": (1, 2, 3)}
+        out += [Row("3", name, stages=chain) for name, chain in chains.items()]
+    if "4" in tables:
+        out += [Row("4", mode, init=mode) for mode in ("scratch", "inherit", "inherit+mimic")]
+    if "5" in tables:
+        out += [Row("5", str(k), n_attn=k) for k in (0, 1, 2, 4) if k < n_layers] + [Row("5", "teacher", stages=None)]
+    if "6" in tables:
+        out += [Row("6", f"{p}, k={k}", n_attn=k, placement=p) for k in (1, 2) if k < n_layers
+                for p in PLACEMENTS + ("auto",)]
+    return out
+
+
+class Suite:
+    """Trains each student once (on disk under work/seed<s>/...) and scores each row."""
+
+    def __init__(self, cfg: AblationConfig):
+        self.cfg, self.teacher = cfg, distill.load_teacher(cfg.teacher)
+        self.tests = distill.test_samples(cfg.eval_per_category)
+
+    def score(self, model) -> tuple:
+        t0 = time.time()
+        r = distill.evaluate(model, self.tests)
+        return {k: v for k, v in r.items() if k != "predictions"}, time.time() - t0
+
+    def keep(self, row: Row, seed: int) -> list:
+        """The attention layers the row's hybrid keeps (auto: measured once per seed and k)."""
+        if not row.n_attn:
+            return []
+        if row.placement != "auto":
+            return [i for i, k in enumerate(make_layers(self.teacher.cfg.n_layers, row.n_attn, row.placement))
+                    if k == "attn"]
+        path = os.path.join(self.cfg.work, f"seed{seed}", f"auto_k{row.n_attn}.json")
+        if not os.path.exists(path):
+            stage2, _ = self.student(row.init, (1, 2), [], seed)
+            write_json(path, {"keep": distill.choose_attention_layers(stage2, self.teacher, row.n_attn, seed)})
+        return read_json(path)["keep"]
+
+    def student(self, init: str, stages: tuple, keep: list, seed: int) -> tuple:
+        """(model, {run folder: stage seconds}) after `stages` from the seeded student; `keep`
+        (attention layers) applies from stage 3 on. Every trained stage is kept on disk and reused."""
+        if not stages:
+            g = torch.Generator().manual_seed(seed)
+            return seed_student(self.teacher, ["mamba2"] * self.teacher.cfg.n_layers, init, g), {}
+        prefix = ("-".join(f"s{k}" for k in stages) + (f"@attn{','.join(map(str, keep))}" if keep else ""))
+        out = os.path.join(self.cfg.work, f"seed{seed}", init, prefix)
+        cfg = distill.TrainConfig(stage=str(stages[-1]), out=out, teacher=self.cfg.teacher, init=init, seed=seed,
+                                  steps=self.cfg.steps, batch_size=self.cfg.batch_size, eval_per_category=0,
+                                  resume=True)
+        summary_path = os.path.join(cfg.stage_dir, "summary.json")
+        parent_keep = keep if len(stages) > 1 and stages[-2] == 3 else []
+        parent, seconds = self.student(init, stages[:-1], parent_keep, seed)
+        if not os.path.exists(summary_path):
+            if keep and stages[-1] == 3 and not parent_keep:
+                distill.keep_attention(parent, self.teacher, keep)
+            distill.run_stage(cfg, self.teacher, parent)
+        seconds[cfg.stage_dir] = read_json(summary_path)["seconds"]
+        return load_model(os.path.join(cfg.stage_dir, "model")).float(), seconds
+
+    def run_row(self, row: Row, seed: int, path: str, teacher_mean: float) -> None:
+        if row.stages is None:                                   # the teacher itself
+            model, runs, keep = self.teacher, {}, list(range(self.teacher.cfg.n_layers))
+        else:
+            keep = self.keep(row, seed)
+            model, runs = self.student(row.init, row.stages, keep, seed)
+        result, eval_s = self.score(model)
+        trained = [read_json(os.path.join(d, "summary.json"))["stage"] for d in runs]   # in training order
+        write_json(path, {"table": row.table, "row": row.name, "seed": seed, "init": row.init,
+                          "stages": list(row.stages or []), "trained": trained, "attention_layers": keep,
+                          "placement": row.placement if row.n_attn else None, **result,
+                          "retention": result["mean"] / max(teacher_mean, 1e-9), "stage_seconds": runs,
+                          "train_s": sum(runs.values()), "eval_s": round(eval_s, 1), "commit": git_commit(),
+                          "date": time.strftime("%Y-%m-%d %H:%M")})
+        print(f"table {row.table} | {row.name} | seed {seed}: mean {100 * result['mean']:.1f}% "
+              f"(teacher {100 * teacher_mean:.1f}%)")
+
+
+def row_path(cfg: AblationConfig, row: Row, seed: int) -> str:
+    slug = row.name.replace(", ", "_").replace("=", "").replace(" ", "_")
+    return os.path.join(cfg.results, f"table{row.table}", slug, f"seed{seed}.json")
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(AblationConfig, argv, "The paper's ablation tables 3-6 on the bundled teacher.")
+    n_layers = load_model(cfg.teacher).cfg.n_layers
+    todo = [(r, s) for s in cfg.seeds for r in rows(cfg.tables, n_layers)
+            if not os.path.exists(row_path(cfg, r, s))]
+    if todo and not cfg.report_only:
+        suite = Suite(cfg)
+        tpath = os.path.join(cfg.results, "teacher.json")
+        if not os.path.exists(tpath):
+            write_json(tpath, suite.score(suite.teacher)[0])
+        print(f"{len(todo)} rows to run ({sum(1 for s in cfg.seeds for _ in rows(cfg.tables, n_layers)) - len(todo)} "
+              f"already done)")
+        for row, seed in todo:
+            suite.run_row(row, seed, row_path(cfg, row, seed), read_json(tpath)["mean"])
+    return report(cfg, n_layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: Markdown tables beside the paper's, and a verdict per claimed ordering
+
+CLAIMS = {  # table: (the paper's claim, [(better row, worse row), ...]) on the mean accuracy
+    "3": ("all three stages are best", [("1+2+3", r) for r in ("1", "2", "3", "1+2", "1+3", "2+3")]),
+    "4": ("inherit+mimic > inherit > scratch", [("inherit+mimic", "inherit"), ("inherit", "scratch")]),
+    "5": ("more attention layers are better", [("1", "0"), ("2", "1"), ("4", "2"), ("teacher", "4")]),
+    "6": ("head-interleaved is the best placement",
+          [(f"head-interleaved, k={k}", f"{p}, k={k}") for k in (1, 2)
+           for p in ("tail-interleaved", "head-stacked", "tail-stacked")]),
+}
+
+
+def verdict(a: list, b: list) -> tuple:
+    """(verdict, difference of means, pooled std): "holds" when mean(a) - mean(b) > one pooled
+    standard deviation sqrt((std_a^2 + std_b^2) / 2) over seeds, "does not hold" when it is below
+    minus one, else "within noise"."""
+    sd = lambda x: statistics.stdev(x) if len(x) > 1 else 0.0
+    diff, pooled = statistics.mean(a) - statistics.mean(b), math.sqrt((sd(a) ** 2 + sd(b) ** 2) / 2)
+    return ("holds" if diff > pooled else "does not hold" if diff < -pooled else "within noise"), diff, pooled
+
+
+def report(cfg: AblationConfig, n_layers: int) -> dict:
+    """Read every row JSON; write tables.md; return {table: {row: [results per seed]}}."""
+    found = {}
+    for row in rows(["3", "4", "5", "6"], n_layers):
+        for seed in cfg.seeds:
+            if os.path.exists(row_path(cfg, row, seed)):
+                found.setdefault(row.table, {}).setdefault(row.name, []).append(read_json(row_path(cfg, row, seed)))
+    pm = lambda xs: (f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1
+                     else f"{100 * xs[0]:.1f}")
+    lines = [f"# Ablations (Tables 3-6) on the bundled teacher\n",
+             f"Accuracy in % on {cfg.eval_per_category} test questions per category, mean ± std over seeds "
+             f"{', '.join(map(str, cfg.seeds))}; written by `python ablate.py`.\n"]
+    for table, by_row in sorted(found.items()):
+        lines += [f"\n## Table {table}\n", f"| row | seeds | " + " | ".join(CATS) + " | mean | of teacher | "
+                  + " | ".join(f"paper {m}" for m in PAPER_METRICS) + " | layers kept |",
+                  "|" + " --- |" * (len(CATS) + 5 + len(PAPER_METRICS))]
+        for name, rs in by_row.items():
+            paper = PAPER.get(table, {}).get(name.split(",")[0]) if table != "6" or "k=2" in name else None
+            lines.append(f"| {name} | {len(rs)} | " + " | ".join(pm([r["accuracy"].get(c, 0) for r in rs]) for c in CATS)
+                         + f" | **{pm([r['mean'] for r in rs])}** | {pm([r['retention'] for r in rs])} | "
+                         + " | ".join(str(v) for v in (paper or ("-",) * len(PAPER_METRICS)))
+                         + f" | {sorted({tuple(r['attention_layers']) for r in rs})} |")
+        if table in PAPER_NOTE:
+            lines.append(f"\n(Paper columns: {PAPER_NOTE[table]}.)")
+        claim, pairs = CLAIMS[table]
+        lines.append(f"\nThe paper's claim: {claim}.\n")
+        for a, b in pairs:
+            if a in by_row and b in by_row:
+                v, diff, sd = verdict([r["mean"] for r in by_row[a]], [r["mean"] for r in by_row[b]])
+                lines.append(f"- {a} > {b}: **{v}** (difference {100 * diff:+.1f} points, pooled std {100 * sd:.1f})")
+    wall = {}
+    for by_row in found.values():
+        for rs in by_row.values():
+            for r in rs:
+                w = wall.setdefault(r["seed"], {"runs": {}, "eval_s": 0.0})
+                w["runs"].update(r["stage_seconds"])
+                w["eval_s"] += r["eval_s"]
+    lines.append("\n## Wall time per seed (unique stage runs + evaluations)\n")
+    lines += [f"- seed {s}: {(sum(w['runs'].values()) + w['eval_s']) / 3600:.2f} h ({len(w['runs'])} stage runs)"
+              for s, w in sorted(wall.items())]
+    os.makedirs(cfg.results, exist_ok=True)
+    with open(os.path.join(cfg.results, "tables.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return found
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,56 @@
+"""Tests of ablate.py: the whole driver on a tiny teacher (two steps per stage): every row of every
+table is written, a stage-subset row trains exactly the stages it names, shared students are
+trained once, a second call trains nothing, and the report judges orderings as it says."""
+import os
+
+import pytest
+import torch
+
+import ablate
+import data
+import distill
+from model import Model, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher")
+    Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID, hidden_size=32,
+                      intermediate_size=64, n_heads=4, n_kv_heads=2, layers=["attn"] * 3,
+                      ssd_chunk_size=16)).save_pretrained(str(path))
+    return str(path)
+
+
+def test_every_row_once_then_nothing(teacher_dir, tmp_path, monkeypatch):
+    args = ["--teacher", teacher_dir, "--work", str(tmp_path / "work"), "--results", str(tmp_path / "res"),
+            "--seeds", "0", "--steps", "2", "--batch-size", "2", "--eval-per-category", "1"]
+    trained, real = [], distill.train
+    monkeypatch.setattr(distill, "train", lambda cfg, *a, **k: (trained.append(cfg.stage_dir), real(cfg, *a, **k))[1])
+    found = ablate.main(args)
+    rows = ablate.rows(["3", "4", "5", "6"], 3)
+    assert {(r.table, r.name) for r in rows} == {(t, name) for t, by in found.items() for name in by}
+    assert len(trained) == len(set(trained))                       # every student trained once
+    for r in rows:
+        (res,) = found[r.table][r.name]
+        assert res["seed"] == 0 and set(res["accuracy"]) == set(data.CATEGORIES)
+        if r.stages is not None:
+            assert res["trained"] == list(r.stages)                # exactly the stages the row names
+        assert len(res["attention_layers"]) == (3 if r.name == "teacher" else r.n_attn)
+    assert found["3"]["none"][0]["trained"] == [] and found["3"]["2+3"][0]["trained"] == [2, 3]
+    assert found["6"]["head-stacked, k=2"][0]["attention_layers"] == [0, 1]
+    auto = found["6"]["auto, k=1"][0]["attention_layers"]
+    assert len(auto) == 1 and os.path.exists(tmp_path / "work" / "seed0" / "auto_k1.json")
+    md = open(tmp_path / "res" / "tables.md").read()
+    assert all(f"## Table {t}" in md for t in "3456") and "1+2+3 > 1+2:" in md and "inherit > scratch:" in md
+    # a second call finds every row done and trains nothing
+    monkeypatch.setattr(distill, "train", lambda *a, **k: pytest.fail("trained again"))
+    again = ablate.main(args)
+    assert {t: list(by) for t, by in again.items()} == {t: list(by) for t, by in found.items()}
+
+
+def test_verdicts():
+    assert ablate.verdict([0.9, 0.92, 0.91], [0.5, 0.52, 0.51])[0] == "holds"
+    assert ablate.verdict([0.5, 0.52, 0.51], [0.9, 0.92, 0.91])[0] == "does not hold"
+    v, diff, sd = ablate.verdict([0.90, 0.80, 0.85], [0.84, 0.86, 0.82])
+    assert v == "within noise" and diff == pytest.approx(0.01) and sd == pytest.approx(((0.05 ** 2 + 0.02 ** 2) / 2) ** 0.5)
