@@ -133,35 +133,22 @@ class DataConfig:
 
     def __post_init__(self):
         self.categories = tuple(self.categories)
-        if self.image_size != self.grid * self.cell_size:
-            raise ValueError(f"image_size ({self.image_size}) must equal grid ({self.grid}) * "
-                             f"cell_size ({self.cell_size})")
-        if self.cell_size < 8:
-            raise ValueError(f"cell_size must be >= 8 px to draw legible shapes, "
-                             f"got {self.cell_size}")
-        if not 1 <= self.max_count <= min(len(SHAPES), len(COLORS)):
-            raise ValueError(f"max_count must be in 1..{min(len(SHAPES), len(COLORS))} (objects in "
-                             f"a scene are distinct shape-colour pairs), got {self.max_count}")
-        if not 1 <= self.text_min_len <= self.text_max_len <= self.grid:
-            raise ValueError(f"need 1 <= text_min_len <= text_max_len <= grid, got "
-                             f"{self.text_min_len}, {self.text_max_len}, grid {self.grid}")
-        if not 0 <= self.min_objects <= self.max_objects:
-            raise ValueError(f"need 0 <= min_objects <= max_objects, got {self.min_objects}, "
-                             f"{self.max_objects}")
-        most = max(self.max_objects, 2 * self.max_count) + self.text_max_len
-        if most > self.grid * self.grid or self.max_objects > N_OBJECT_CLASSES - len(COLORS):
-            raise ValueError(f"max_objects={self.max_objects} does not fit a {self.grid}x{self.grid}"
-                             f" grid with distinct objects")
-        if not 0.0 <= self.text_prob <= 1.0:
-            raise ValueError(f"text_prob must be in [0, 1], got {self.text_prob}")
-        unknown = set(self.categories) - set(CATEGORIES)
-        if not self.categories or unknown:
-            raise ValueError(f"categories must be a non-empty subset of {CATEGORIES}, "
-                             f"got {self.categories}")
+        most = max(self.max_objects, 2 * self.max_count) + self.text_max_len      # cells a scene may need
+        for ok, msg in ((self.image_size == self.grid * self.cell_size, "image_size must equal grid * cell_size"),
+                        (self.cell_size >= 8, "cell_size must be >= 8 px to draw legible shapes"),
+                        (1 <= self.max_count <= min(len(SHAPES), len(COLORS)),
+                         "max_count must be in 1..5: a scene's objects are distinct shape-colour pairs"),
+                        (1 <= self.text_min_len <= self.text_max_len <= self.grid,
+                         "need 1 <= text_min_len <= text_max_len <= grid"),
+                        (0 <= self.min_objects <= self.max_objects <= N_OBJECT_CLASSES - len(COLORS)
+                         and most <= self.grid ** 2, "the objects do not fit the grid"),
+                        (0 <= self.text_prob <= 1, "text_prob must be in [0, 1]"),
+                        (set(self.categories) <= set(CATEGORIES) and self.categories,
+                         f"categories must be a non-empty subset of {CATEGORIES}")):
+            if not ok:
+                raise ValueError(f"DataConfig: {msg} ({self})")
 
-    @property
-    def n_cells(self) -> int:
-        return self.grid * self.grid
+    n_cells = property(lambda self: self.grid * self.grid)
 
 
 def chance_levels(cfg: DataConfig | None = None) -> dict[str, float]:
@@ -530,7 +517,6 @@ class Tokenizer:
         pieces += list(GLYPHS) + [" ", "\n"]
         pieces = list(dict.fromkeys(pieces))  # dedupe, keep order
         self.specials = list(SPECIALS)
-        self.n_bytes = 256
         self.vocab = self.specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
         self.piece_to_id = {p: len(self.specials) + 256 + k for k, p in enumerate(pieces)}
         self.id_to_piece = {i: p for p, i in self.piece_to_id.items()}
@@ -541,9 +527,7 @@ class Tokenizer:
         self.img_context_id = sid["<IMG_CONTEXT>"]
         self.eos_id = self.im_end_id  # generation stops here
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
+    vocab_size = property(lambda self: len(self.vocab))
 
     def encode(self, text: str) -> list[int]:
         ids = []
@@ -583,9 +567,7 @@ class Tokenizer:
 
 TOKENIZER = Tokenizer()
 VOCAB_SIZE = TOKENIZER.vocab_size
-PAD_ID = TOKENIZER.pad_id
 IMG_CONTEXT_ID = TOKENIZER.img_context_id
-IM_END_ID = TOKENIZER.im_end_id
 
 
 # ----------------------------------------------------------------------------------------------

@@ -202,42 +202,35 @@ def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Caches: attention keeps every key and value (grows with the context); Mamba-2 keeps W-1 conv
+# Caches: attention keeps every key and value (it grows with the context); Mamba-2 keeps W-1 conv
 # inputs and the (b, H, P, N) state (a fixed size).
 
-class KVCache:
-    """Keys (after RoPE) and values of one attention layer, (b, Hkv, T, P) each, stored in buffers
-    of `capacity` tokens when given (grown when passed)."""
+class LayerCache:
+    """What one layer keeps between calls. Attention: k, v (b, Hkv, T, P), keys after RoPE, in
+    buffers of `capacity` tokens when given (grown when passed). Mamba-2: conv_state (b, channels,
+    W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, the layer's input
+    projections stacked once per sequence, so that a decode step makes one matmul."""
 
     def __init__(self, capacity: int | None = None):
-        self.capacity, self.k, self.v, self.length = capacity, None, None, 0
+        self.capacity, self.length, self.w = capacity, 0, None
+        self.k = self.v = self.conv_state = self.ssm_state = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
+    def append(self, k: torch.Tensor, v: torch.Tensor):
         """Append (b, Hkv, L, P) keys and values; return all of them so far."""
         end = self.length + k.shape[2]
         if self.k is None or end > self.k.shape[2]:               # allocate, or grow to what is needed
-            size = max(end, self.capacity or 0)
-            old = (self.k, self.v)
+            size, old = max(end, self.capacity or 0), (self.k, self.v)
             self.k, self.v = (t.new_zeros(*t.shape[:2], size, t.shape[3]) for t in (k, v))
-            if old[0] is not None:
-                self.k[:, :, :self.length], self.v[:, :, :self.length] = old[0][:, :, :self.length], old[1][:, :, :self.length]
+            for new, kept in zip((self.k, self.v), old):
+                if kept is not None:
+                    new[:, :, :self.length] = kept[:, :, :self.length]
         self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
-
-
-class MambaCache:
-    """One Mamba-2 layer: conv_state (b, channels, W-1), the last conv inputs, and ssm_state
-    (b, H, P, N) in float32 (float64 in float64 models)."""
-
-    def __init__(self):
-        self.conv_state = self.ssm_state = None
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.conv_state, self.ssm_state) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.conv_state, self.ssm_state)
+                   if t is not None)
 
 
 class Cache:
@@ -248,6 +241,17 @@ class Cache:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)
+
+
+def project(module: nn.Module, u: torch.Tensor, names: tuple, cache: LayerCache | None) -> list:
+    """[u W^T for the Linear layers `names` of module]: separate matmuls, except in a decode step
+    (one token through a cache), where the weights stacked once per sequence make one matmul."""
+    weights = [getattr(module, n).weight for n in names]
+    if cache is None or u.shape[1] > 1:
+        return [F.linear(u, w) for w in weights]
+    if cache.w is None:
+        cache.w = torch.cat(weights)
+    return F.linear(u, cache.w).split([w.shape[0] for w in weights], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,29 +267,33 @@ class Attention(nn.Module):
         self.wq, self.wk = nn.Linear(d, H * P, bias=False), nn.Linear(d, Hkv * P, bias=False)
         self.wv, self.wo = nn.Linear(d, Hkv * P, bias=False), nn.Linear(H * P, d, bias=False)
 
-    def qkv(self, u: torch.Tensor, start: int = 0):
+    def qkv(self, u: torch.Tensor, start: int = 0, cache: LayerCache | None = None):
         """q (b, H, L, P) and k (b, Hkv, L, P) after RoPE at positions start.., and v (b, Hkv, L, P)."""
         b, L, _ = u.shape
         cfg, P = self.cfg, self.cfg.head_dim
-        q = rope(self.wq(u).view(b, L, -1, P).transpose(1, 2), start, cfg.rope_theta)
-        k = rope(self.wk(u).view(b, L, -1, P).transpose(1, 2), start, cfg.rope_theta)
-        return q, k, self.wv(u).view(b, L, -1, P).transpose(1, 2)
+        q, k, v = (t.view(b, L, -1, P).transpose(1, 2) for t in project(self, u, ("wq", "wk", "wv"), cache))
+        return rope(q, start, cfg.rope_theta), rope(k, start, cfg.rope_theta), v
 
-    def heads(self, u: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def heads(self, u: torch.Tensor, start: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
         """softmax(q k^T / sqrt(P)) v per head, before wo: (b, L, d_model) -> (b, L, H, P). With a
         cache, the L tokens follow the cached ones (positions start..)."""
-        q, k, v = self.qkv(u, start)
+        q, k, v = self.qkv(u, start, cache)
         past = 0 if cache is None else cache.length
         if cache is not None:
-            k, v = cache.update(k, v)                                          # (b, Hkv, past + L, P)
+            k, v = cache.append(k, v)                                          # (b, Hkv, past + L, P)
         L, T = q.shape[2], k.shape[2]
-        mask = None
-        if past and L > 1:                                                     # a segment after earlier tokens
-            mask = torch.arange(T, device=u.device) <= torch.arange(past, T, device=u.device)[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past and L > 1, enable_gqa=True)
+        if not past or L == 1:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, enable_gqa=True)    # (b, H, L, P)
+        else:                  # a segment after earlier tokens: query i sees keys <= past + i; the (rows, T)
+            rows, o = max(1, 2 ** 24 // T), []                # boolean masks are built 16M entries at a time
+            for i in range(0, L, rows):
+                mask = torch.arange(T, device=u.device) <= torch.arange(past + i, past + min(i + rows, L),
+                                                                        device=u.device)[:, None]
+                o.append(F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v, attn_mask=mask, enable_gqa=True))
+            o = torch.cat(o, dim=2)
         return o.transpose(1, 2)                                               # (b, L, H, P)
 
-    def forward(self, u, start: int = 0, cache: KVCache | None = None):
+    def forward(self, u, start: int = 0, cache: LayerCache | None = None):
         o = self.heads(u, start, cache)
         return self.wo(o.flatten(2))
 
@@ -338,7 +346,7 @@ class Mamba2Mixer(nn.Module):
             return
         H = self.cfg.n_heads
         if mimic:
-            _init_(self.conv1d.weight, lambda t: t.zero_().select(-1, -1).fill_(1.0))
+            self.conv1d.weight.zero_()[:, 0, -1] = 1.0
             self.conv1d.bias.zero_()
             self.wdt.weight.zero_()
             u = torch.rand(H, dtype=torch.float64, generator=generator)
@@ -347,15 +355,15 @@ class Mamba2Mixer(nn.Module):
             self.A_log.fill_(1.0)
         else:
             for p in (self.conv1d.weight, self.wdt.weight):
-                _init_(p, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
+                _init_(p, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator), generator)
             bound = 1 / math.sqrt(self.cfg.conv_width)                            # fan-in of a depthwise conv
-            _init_(self.conv1d.bias, lambda t: t.uniform_(-bound, bound, generator=generator))
+            _init_(self.conv1d.bias, lambda t: t.uniform_(-bound, bound, generator=generator), generator)
             self.dt_bias.zero_()
             self.A_log.copy_(torch.empty(H, dtype=torch.float64).uniform_(1, 16, generator=generator).log())
         self.norm.weight.fill_(1.0)
-        _init_(self.wg.weight, lambda t: nn.init.xavier_uniform_(t, gain=2 ** -2.5, generator=generator))
+        _init_(self.wg.weight, lambda t: nn.init.xavier_uniform_(t, gain=2 ** -2.5, generator=generator), generator)
 
-    def conv(self, xBC: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
+    def conv(self, xBC: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
         """SiLU(causal depthwise conv) over (b, L, channels); continues and updates cache.conv_state."""
         b, L, ch = xBC.shape
         W = self.cfg.conv_width
@@ -367,19 +375,21 @@ class Mamba2Mixer(nn.Module):
             return F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)[:, None]
         return F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=ch)).transpose(1, 2)
 
-    def ssm(self, u: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
-        """The SSD output y before the norm and the gate: (b, L, d_model) -> (b, L, H, P)."""
+    def heads(self, u: torch.Tensor, start: int = 0, cache: LayerCache | None = None, gate: bool = True):
+        """Per-head output before W_O, RMSNorm_P(y) * SiLU(W_G u): (b, L, d_model) -> (b, L, H, P);
+        gate=False: the SSD output y alone. `start` is unused (the SSM has no positions); it keeps
+        Attention.heads' signature."""
         cfg = self.cfg
         b, L, _ = u.shape
         Hkv, P = cfg.n_kv_heads, cfg.head_dim
-        xBC = self.conv(torch.cat([self.wv(u), self.wk(u), self.wq(u)], dim=-1), cache)
-        x, B, C = torch.split(xBC, [Hkv * P, Hkv * P, cfg.n_heads * P], dim=-1)
+        x, B, C, g, dt = project(self, u, ("wv", "wk", "wq", "wg", "wdt"), cache)
+        x, B, C = self.conv(torch.cat([x, B, C], dim=-1), cache).split([Hkv * P, Hkv * P, cfg.n_heads * P], dim=-1)
         x, B, C = x.view(b, L, Hkv, P), B.view(b, L, Hkv, P), C.view(b, L, -1, P)   # N = P
         ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-        dt = F.softplus(self.wdt(u).to(ct) + self.dt_bias.to(ct))                       # (b, L, H)
-        A = -torch.exp(self.A_log.to(ct))                                               # (H,)
+        dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))                             # (b, L, H)
+        A = -torch.exp(self.A_log.to(ct))                                            # (H,)
         state = None if cache is None else cache.ssm_state
-        if state is not None and L == 1:                                                # decode step
+        if state is not None and L == 1:                                             # decode step
             y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state)
             y = y[:, None]
         else:
@@ -389,16 +399,9 @@ class Mamba2Mixer(nn.Module):
             y, state = SSD_IMPLS[impl](x, dt, A, B, C, initial_state=state, chunk_size=cfg.ssd_chunk_size)
         if cache is not None:
             cache.ssm_state = state.detach()
-        return y                                                                        # (b, L, H, P)
+        return self.norm(y.to(u.dtype)) * F.silu(g).view(y.shape) if gate else y       # (b, L, H, P)
 
-    def heads(self, u: torch.Tensor, start: int = 0, cache: MambaCache | None = None) -> torch.Tensor:
-        """Per-head output before W_O, RMSNorm_P(y) * SiLU(W_G u): (b, L, H, P). `start` is unused
-        (the SSM has no positions); it keeps Attention.heads' signature."""
-        y = self.ssm(u, cache)
-        g = F.silu(self.wg(u)).view(y.shape)
-        return self.norm(y.to(u.dtype)) * g
-
-    def forward(self, u, start: int = 0, cache: MambaCache | None = None):
+    def forward(self, u, start: int = 0, cache: LayerCache | None = None):
         return self.wo(self.heads(u, start, cache).flatten(2))
 
 
@@ -448,7 +451,7 @@ class Model(nn.Module):
         """Every projection and embedding normal(0, init_std) (the patch conv keeps PyTorch's
         default), biases 0; Mamba-2's new parameters their non-mimic values (Mamba2Mixer.init_new).
         The order of the draws is fixed: stage 0 from one seed gives one teacher."""
-        normal = lambda p: _init_(p, lambda t: t.normal_(0.0, self.cfg.init_std, generator=generator))
+        normal = lambda p: _init_(p, lambda t: t.normal_(0.0, self.cfg.init_std, generator=generator), generator)
         for m in self.modules():
             if isinstance(m, (Attention, FeedForward, Mamba2Mixer)):
                 for lin in m.children():
@@ -470,8 +473,10 @@ class Model(nn.Module):
         h = self.embed_tokens(input_ids)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.vision(pixel_values)
-        slots = input_ids == self.cfg.img_context_id
         feats = None if image_embeds is None else image_embeds.reshape(-1, h.shape[-1])
+        if feats is None and input_ids.shape[1] == 1:     # a decode step (generate never emits the
+            return h                                       # placeholder): no count, no device sync
+        slots = input_ids == self.cfg.img_context_id
         n = 0 if feats is None else feats.shape[0]
         if int(slots.sum()) != n:
             raise ValueError(f"input_ids hold {int(slots.sum())} <IMG_CONTEXT> tokens but the images give {n} "
@@ -502,7 +507,7 @@ class Model(nn.Module):
 
     def new_cache(self, capacity: int | None = None) -> Cache:
         """An empty cache; `capacity` preallocates the KV buffers for that many tokens."""
-        return Cache([KVCache(capacity) if b.kind == "attn" else MambaCache() for b in self.layers])
+        return Cache([LayerCache(capacity) for _ in self.layers])
 
     @torch.no_grad()
     def prefill(self, input_ids, pixel_values=None, cache: Cache | None = None, segment: int | None = None):
@@ -599,13 +604,17 @@ def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
 
 
 @torch.no_grad()
-def _init_(p: torch.Tensor, fn) -> None:
-    """Apply the in-place init `fn` to p through a CPU float32/64 copy (CPU generators then work
-    for any device and dtype, and a float64 model draws the same values as a float32 one)."""
-    if not p.is_meta:
-        t = torch.empty(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-        fn(t)
-        p.copy_(t)
+def _init_(p: torch.Tensor, fn, generator: torch.Generator | None = None) -> None:
+    """Apply the in-place init `fn` to p: directly (on p's device), or with a (CPU) `generator`
+    through a CPU float32/64 copy, so that one seed gives the same weights on any device."""
+    if p.is_meta:
+        return
+    if generator is None:
+        fn(p)
+        return
+    t = torch.empty(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+    fn(t)
+    p.copy_(t)
 
 
 def main():

@@ -82,7 +82,7 @@ def mixer_fidelity(teacher: Model, student: Model, input_ids, pixel_values=None)
         mixer = student.layers[i].mixer
         t = teacher.layers[i].mixer.heads(u).double().flatten()
         s = mixer.heads(u).double().flatten()
-        y = mixer.ssm(u).double().flatten() if isinstance(mixer, Mamba2Mixer) else s
+        y = mixer.heads(u, gate=False).double().flatten() if isinstance(mixer, Mamba2Mixer) else s
         rows.append({"layer": i, "kind": student.layers[i].kind,
                      "rel_err": ((s - t).norm() / t.norm().clamp_min(1e-300)).item(),
                      "cosine": F.cosine_similarity(s, t, dim=0).item(),

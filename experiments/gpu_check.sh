@@ -1,25 +1,62 @@
 #!/bin/bash
-# Issue 6 on a lent GPU, one part per device call (each fits a 10-minute call):
-#   bash experiments/gpu_check.sh tests    # GPU tests of ssd_triton + the hovle bench smoke test
-#   bash experiments/gpu_check.sh kernel   # kernel speed, L 2K..131K, with fla (carry .whl)
-#   bash experiments/gpu_check.sh model    # HoVLE-shape model bench, L 4K..103K + Table 2
-# Results go to $OUT (bench.partial.json keeps a killed run's points). fla-core as a wheel:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core
-# Seen on 2026-11-23 (H100): kernel part 2 min 17 s for 34 timings; model points ~30 s each
-# (mostly building the 2.6B model); the tests part printed nothing in 200 s with Q = 128 (now 64).
+# The one prepared script for a GPU session (issue 19): about 8 minutes of GPU time in all, in parts
+# that also run on their own (each part's budget in brackets; `timeout` stops a bench run 30 s after it):
+#   bash experiments/gpu_check.sh tests    # [150 s] GPU tests: ssd_triton at H=16, P=N=128 against float64
+#                                          #   ssd_chunked (tests/test_ssd_gpu.py) + bench --smoke on CUDA
+#   bash experiments/gpu_check.sh kernel   # [90 + 50 s] SSD kernels at HoVLE's heads (H=16, Hkv=8, P=N=128),
+#                                          #   bf16 then fp32, L 1K..128K, batch 1 and 8: ssd_triton,
+#                                          #   ssd_chunked, ssd_naive (L <= 1K), fla chunk_simple_gla (if
+#                                          #   carried), causal SDPA; ms, GB/s, copy-bandwidth floor
+#   bash experiments/gpu_check.sh model    # [180 s] HoVLE-2.6B shapes (random weights, bf16): Table 2 and
+#                                          #   teacher (one pass + segments), linear, hybrid at 32K and 103K
+#   bash experiments/gpu_check.sh all      # the three in that order: one device call (~8 min), timeout_s 600
+# Results under $OUT (copied back by the device tool; at most 8 files): tests.log, kernel.log, model.log
+# (the printed tables) and kernel_bfloat16.json, kernel_float32.json, model.json (bench.json, or
+# bench.partial.json, with kernel_rows / model_points, when a part was stopped); tables and plots of a
+# bench.json are rebuilt here with
+#   python -c "import bench,json; r=json.load(open('model.json')); print(*bench.table_lines(r),sep='\n'); bench.make_plots(r,'.')"
+# flash-linear-attention is optional: fetch the wheels here, then carry ".whl" in the device call:
+#   pip download --no-deps --only-binary=:all: -d .whl fla-core einops
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_check_out}
+WORK=/tmp/gpu_check_work
+mkdir -p "$OUT" "$WORK"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+bench() {  # bench NAME BUDGET_S ARGS...: one bench.py run to $WORK/NAME, its JSON to $OUT/NAME.json
+  local name=$1 budget=$2; shift 2
+  timeout $((budget + 30)) python3 bench.py --budget-s "$budget" --out "$WORK/$name" "$@" 2>&1 | tr '\r' '\n'
+  local rc=$?
+  for f in bench.json bench.partial.json; do
+    [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/$name.json" && break
+  done
+  return $rc
+}
+
+part_tests() {
+  timeout 150 python3 -m pytest -q -m gpu tests/test_ssd_gpu.py tests/test_bench.py 2>&1 | tee "$OUT/tests.log"
+}
+
+part_kernel() {
+  local common=(--preset hovle --parts kernel --batch 1 8 --lengths 1024 4096 16384 65536 131072)
+  { bench kernel_bfloat16 90 "${common[@]}" --dtype bfloat16 --kernel-budget-s 90
+    bench kernel_float32 50 "${common[@]}" --dtype float32 --kernel-budget-s 50; } | tee "$OUT/kernel.log"
+}
+
+part_model() {
+  bench model 180 --preset hovle --parts table2 model --lengths 32768 103000 --repeats 1 --timeout-s 150 | tee "$OUT/model.log"
+}
+
 case "$1" in
-  tests)  timeout 500 python3 -m pytest -v -s -x tests/test_ssd_gpu.py tests/test_bench.py -k "gpu" 2>&1 | tee $OUT/tests.log ;;
-  kernel) timeout 500 python3 bench.py --preset hovle --skip-model --skip-table2 --lengths 2048 8192 32768 131072 \
-            --out $OUT/kernel 2>&1 | tr '\r' '\n' | grep -v "^bench: .*pt/s" | tee $OUT/kernel.log ;;
-  model)  timeout 540 python3 bench.py --preset hovle --skip-kernel --lengths 4096 32768 103000 --timeout 120 \
-            --out $OUT/model 2>&1 | tr '\r' '\n' | grep -v "^bench: .*pt/s" | tee $OUT/model.log ;;
-  *) echo "usage: $0 tests|kernel|model"; exit 2 ;;
+  tests) part_tests ;;
+  kernel) part_kernel ;;
+  model) part_model ;;
+  all) part_tests; part_kernel; part_model ;;
+  *) echo "usage: $0 tests|kernel|model|all"; exit 2 ;;
 esac

@@ -3,8 +3,9 @@
 For each layer i, take the bundled teacher, replace layer i's attention mixer by the student's
 Mamba-2 mixer (every other layer stays the teacher's), and measure the accuracy per category. A
 category that drops only when layer i is patched names the layer whose conversion loses it. This is
-how the stage-2 defaults of distill.py were found (README "Distillation": layer 2 holds the look
-head; a short stage 2 left it dropping exist and count).
+how the stage-2 defaults of distill.py were found (experiments/README.md: layer 2 holds the look
+head; a short stage 2 left it dropping exist and count). distill.choose_attention_layers measures
+the same swap by the output KL instead of accuracy.
 
 Run (after `python distill.py --stage 2`):
     python experiments/patch_probe.py runs/linear/stage2/model --per-category 50
@@ -41,12 +42,13 @@ def main() -> None:
 
     teacher = distill.load_teacher(args.teacher)
     student = Model.from_pretrained(args.student).float()
-    base = distill.evaluate(teacher, args.per_category)["accuracy"]
+    tests = distill.test_samples(args.per_category)
+    base = distill.evaluate(teacher, tests)["accuracy"]
     cats = list(base)
     print("layer  " + " ".join(f"{c:>8}" for c in cats))
     print("none   " + " ".join(f"{base[c]:8.2f}" for c in cats))
     for i in range(len(teacher.layers)):
-        acc = distill.evaluate(patched(teacher, student, i), args.per_category)["accuracy"]
+        acc = distill.evaluate(patched(teacher, student, i), tests)["accuracy"]
         print(f"{i:<6} " + " ".join(f"{acc[c]:8.2f}" for c in cats), flush=True)
 
 

@@ -4,7 +4,8 @@ loss) in one file with knobs, for running many variants at once on a GPU and rea
 accuracy per category every `eval_every` steps (equal to greedy exact match: an answer is right
 when every answer token and the closing <|im_end|> is the argmax).
 
-Not part of the pipeline: a research tool. The logs of the runs of 2026-11-23 (one H100, 8 variants
+Not part of the pipeline: a research tool, kept as it ran. It imports names distill.py no longer
+has (DistillConfig, make_optimizer); run it from its commit: `git checkout dd5ae0d`. The logs of the runs of 2026-11-23 (one H100, 8 variants
 at a time, each one process) are in experiments/teacher_sweep_logs/ (sweepK_NAME.log; the variants
 are listed in experiments/README.md with what they showed).
 

@@ -156,8 +156,7 @@ def test_bad_data_names_file_and_line(tmp_path, bad_line, message):
 def test_tokenizer_round_trip():
     tok = TOKENIZER
     assert tok.vocab_size == data.VOCAB_SIZE == len(tok.vocab)
-    assert (tok.pad_id, tok.img_context_id, tok.im_end_id) == \
-           (data.PAD_ID, data.IMG_CONTEXT_ID, data.IM_END_ID)
+    assert (tok.pad_id, tok.img_context_id, tok.eos_id) == (0, data.IMG_CONTEXT_ID, tok.im_end_id)
     first_word_id = len(tok.specials) + 256
     for i in range(70):
         s = sample_at(CFG, "train", 1, i)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Attention, Cache, CheckpointError, KVCache, MambaCache, Mamba2Mixer, Model, ModelConfig, make_layers
+from model import Attention, Cache, CheckpointError, LayerCache, Mamba2Mixer, Model, ModelConfig, make_layers
 from utils import InputError
 
 IMG = 5
@@ -306,13 +306,13 @@ def test_cache_size_constant_for_linear_and_linear_growth_for_attention():
 
 
 def test_cache_objects():
-    kv = KVCache(capacity=10)
+    kv = LayerCache(capacity=10)
     k = torch.randn(1, 2, 3, 4)
-    kk, vv = kv.update(k, 2 * k)
+    kk, vv = kv.append(k, 2 * k)
     assert kv.k.shape[2] == 10 and torch.equal(kk, k) and torch.equal(vv, 2 * k)
-    kk, _ = kv.update(torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4))    # past capacity: grows
+    kk, _ = kv.append(torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4))    # past capacity: grows
     assert kk.shape[2] == 12 and torch.equal(kk[:, :, :3], k)
-    assert MambaCache().nbytes() == 0 and Cache([kv]).nbytes() == kv.nbytes() == 2 * 12 * 2 * 4 * 4
+    assert LayerCache().nbytes() == 0 and Cache([kv]).nbytes() == kv.nbytes() == 2 * 12 * 2 * 4 * 4
 
 
 # ----------------------------------------------------------------------------------------------

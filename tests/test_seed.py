@@ -32,7 +32,7 @@ def teacher_attention(cfg, seed_=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_seeded_mixer_is_causal_linear_attention(n_kv_heads):
-    """Conv identity (mimic), no decay (A = 0), dt = 1, norm and gate bypassed (ssm()): the seeded
+    """Conv identity (mimic), no decay (A = 0), dt = 1, norm and gate bypassed (gate=False): the seeded
     mixer is y_t = sum_{s<=t} (silu(q_t) . silu(k_s)) silu(v_s) on the teacher's W_Q, W_K, W_V."""
     cfg = small_cfg(n_kv_heads=n_kv_heads)
     attn = teacher_attention(cfg, dtype=torch.float64)
@@ -51,7 +51,7 @@ def test_seeded_mixer_is_causal_linear_attention(n_kv_heads):
             g = h // (H // n_kv_heads)                      # GQA: the teacher's KV head for query head h
             for s in range(t + 1):
                 want[:, t, h] += (q[:, t, h] * k[:, s, g]).sum(-1, keepdim=True) * v[:, s, g]
-    assert rel(mixer.ssm(u), want) <= 1e-6
+    assert rel(mixer.heads(u, gate=False), want) <= 1e-6
     # the full per-head output is norm(y) * silu(wg u) on top of it
     o = want / torch.sqrt(want.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * F.silu(u @ mixer.wg.weight.T).view(b, L, H, P)
     assert rel(mixer.heads(u), o) <= 1e-6
@@ -182,7 +182,7 @@ def test_fidelity_and_cli(capsys):
         else:                                                  # the numbers are what they say
             t, s = tb.mixer.heads(u).double().flatten(), sb.mixer.heads(u).double().flatten()
             assert abs(r["rel_err"] - ((s - t).norm() / t.norm()).item()) < 1e-9
-            assert abs(r["cos_y"] - F.cosine_similarity(sb.mixer.ssm(u).double().flatten(), t, dim=0).item()) < 1e-9
+            assert abs(r["cos_y"] - F.cosine_similarity(sb.mixer.heads(u, gate=False).double().flatten(), t, dim=0).item()) < 1e-9
     results = seed.main(["--n", "3"])                          # the bundled teacher, every mode
     out = capsys.readouterr().out
     assert set(results) == set(MODES) and all(len(v) == 8 for v in results.values())
