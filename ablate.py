@@ -54,7 +54,7 @@ PAPER = {  # mmMamba Tables 3-6 (HoVLE teacher: MME 1433.5, POPE 87.6, TextVQA 6
           "tail-interleaved": (1308.3, 86.1, 55.0, 86.5), "head-interleaved": (1371.1, 86.7, 55.1, 86.9)},
 }
 PAPER_NOTE = {  # how our rows line up with the paper's
-    "3": "the paper's rows 1-8, its stage check marks read as: none, 1, 2, 3, 1+2, 1+3, 2+3, all; no training is NaN there",
+    "3": "the paper's rows 1-8, its check marks read as: none, 1, 2, 3, 1+2, 1+3, 2+3, all; no training is NaN there",
     "5": "ours keep k of 8 layers, the paper's k of 32; its 8-of-32 hybrid row is not shown",
     "6": "the paper keeps 8 of 32 layers: its rows are set beside our k = 2 rows; it has no data-chosen placement"}
 
@@ -225,7 +225,8 @@ def report(cfg: AblationConfig, n_layers: int) -> dict:
                   "|" + " --- |" * (len(CATS) + 5 + len(PAPER_METRICS))]
         for name, rs in by_row.items():
             paper = PAPER.get(table, {}).get(name.split(",")[0]) if table != "6" or "k=2" in name else None
-            lines.append(f"| {name} | {len(rs)} | " + " | ".join(pm([r["accuracy"].get(c, 0) for r in rs]) for c in CATS)
+            cats = (pm([r["accuracy"].get(c, 0) for r in rs]) for c in CATS)
+            lines.append(f"| {name} | {len(rs)} | " + " | ".join(cats)
                          + f" | **{pm([r['mean'] for r in rs])}** | {pm([r['retention'] for r in rs])} | "
                          + " | ".join(str(v) for v in (paper or ("-",) * len(PAPER_METRICS)))
                          + f" | {sorted({tuple(r['attention_layers']) for r in rs})} |")

@@ -1,31 +1,22 @@
-"""Speed and memory of the teacher, mmMamba-linear and mmMamba-hybrid, and of the SSD operator.
+"""Speed and memory of the teacher, mmMamba-linear and mmMamba-hybrid, and of the SSD operator (arXiv 2502.13145).
 
-Paper (mmMamba, arXiv 2502.13145): Fig. 1 (c)(d), time and memory of prefill + 256 generated tokens
-against length (HoVLE-2.6B at 103K tokens, RTX 4090: linear 20.6x faster and 75.8% less memory, hybrid
-13.5x and 60.2%) -> model section; Table 2, 768 image tokens + text, 256 generated, tokens/s (HoVLE 33.03,
-linear 132.43, hybrid 134.77) -> table2 section; the SSD operator (ssd_naive, ssd_chunked, ssd_triton, fla's
-chunk_simple_gla with q = C, k = B, v = dt x, g = dt A, scale 1) against causal SDPA -> kernel section.
-
-Layouts: "teacher" prefills in one pass (as HoVLE is usually run); "teacher-seg", "linear" (all Mamba-2) and
-"hybrid" (n_layers // 4 attention layers, head-interleaved) in segments of --segment tokens carrying
-their caches. Ratios are given against both teachers. Random weights (Model(cfg) built on the device) and
-random tokens; each model point runs in a fresh process (`--point JSON`): build, warm-up, memory baseline
-(CUDA allocated, peak counter reset; CPU RSS, VmHWM reset through /proc/self/clear_refs), then
-Model.generate timed by its own stats (prefill = prompt + first token, decode = the rest), `repeats` runs
-unless they pass --point-budget-s (median); then one more run measures memory: CUDA peak allocated (weights
-included, as the paper); CPU peak RSS above the baseline, with glibc told to map every block of 64 KiB or more
-(mallopt), so that RSS follows the live tensors (with glibc's dynamic threshold one point varied from 18 to
-48 MiB between identical runs; mapping makes prefill up to 2.5x slower, hence not during the timed runs).
-OOM, errors, kills and timeouts are recorded and the run goes on (that layout's longer lengths are skipped).
-A point predicted (from the layout's last point: prefill quadratic with attention layers, linear without)
-to end past --budget-s is "skipped (budget)".
+Sections: model = Fig. 1 (c)(d), time and memory of prefill + 256 generated tokens against length (paper: HoVLE-2.6B,
+103K tokens, RTX 4090, linear 20.6x faster and 75.8% less memory, hybrid 13.5x and 60.2%), with issue 18's checks;
+table2 = Table 2, 768 image tokens + 32 text, 256 generated, tokens/s; kernel = the SSD operator against causal SDPA.
+Layouts: "teacher" prefills in one pass (as HoVLE is usually run); "teacher-seg", "linear" (all Mamba-2) and "hybrid"
+(n_layers // 4 attention layers) --segment tokens at a time, carrying their caches. Random weights and tokens.
+A model point is timed in a fresh process (`--point JSON`) by Model.generate's stats (prefill = prompt + first
+token, decode = the rest). Its memory comes from one more run in a second fresh process: CUDA peak allocated
+(weights included, as the paper); CPU peak RSS above the post-build RSS, with glibc mapping every block of 64 KiB
+or more so that RSS follows the live tensors (with glibc's dynamic threshold one point varied from 18 to 48 MiB
+between identical runs; mapping makes prefill up to 2.5x slower, hence not timed). Failures, OOM and timeouts are
+recorded and the run goes on; a point predicted to end past --budget-s is "skipped (budget)".
 
 Run:  python bench.py           # tiny model, CPU, L 1K..128K, teacher as far as the budget allows; < 10 min
-      python bench.py --smoke   # tiny sizes in this process: seconds (the test)
+      python bench.py --smoke   # tiny sizes, points in this process (memory only rough): seconds (the test)
       python bench.py --long    # every layout once at 103,000 tokens, no budget (~35 min on 2 CPU cores)
       python bench.py --preset hovle --parts model --lengths 32768 103000    # HoVLE-2.6B shapes, GPU, bf16
-Output (--out, default bench_results/<preset>_<device>[_long]): bench.json, table.txt, model_time.png,
-model_memory.png, kernel.png; bench.partial.json holds what was measured until bench.json is written.
+Output in --out: bench.json (bench.partial.json until then), table.txt, model_time.png, model_memory.png, kernel.png.
 """
 from __future__ import annotations
 
@@ -40,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +56,7 @@ MEMORY = {"run_mib": "peak RSS above the post-build baseline", "peak_mib": "peak
 MiB, REPORT_S = 2.0 ** 20, 15.0                         # REPORT_S: budget kept for tables and plots
 
 
-@dataclass
+@dataclasses.dataclass
 class BenchConfig:
     preset: str = arg("tiny", "tiny: this project's model, CPU, float32; hovle: HoVLE-2.6B shapes, CUDA, bf16")
     device: str = arg("", "device (default: the preset's)")
@@ -88,26 +78,24 @@ class BenchConfig:
     seed: int = arg(0, "seed of weights and inputs")
     long: bool = arg(False, "the paper's point: every layout once at 103,000 tokens, no budget, own folder")
     smoke: bool = arg(False, "tiny sizes, points in this process: seconds; checks the machinery only")
-    out: str = arg("", "output folder (default bench_results/<preset>_<device>[_long])")
+    out: str = arg("", "output folder (default bench_results/<preset>_<device>[_long|_smoke])")
     point: str = arg("", "internal: run one model point (JSON)")
 
 
 def resolve(c: BenchConfig) -> BenchConfig:
     """Apply --long / --smoke (to fields left at their default) and the preset; check values."""
-    c, default, over = dataclasses.replace(c), BenchConfig(), {}
-    if c.long:
-        over.update(lengths=[103000], parts=["model"], budget_s=0.0, timeout_s=5400.0, repeats=1)
+    over = dict(lengths=[103000], parts=["model"], budget_s=0.0, timeout_s=5400.0, repeats=1) if c.long else {}
     if c.smoke:
         over.update(lengths=[64, 128], new_tokens=8, segment=48, repeats=1, budget_s=0.0, table2_image_tokens=64,
                     threads=1)
-    for k, v in over.items():
-        setattr(c, k, v if getattr(c, k) == getattr(default, k) else getattr(c, k))
+    c = dataclasses.replace(c, **{k: v for k, v in over.items() if getattr(c, k) == getattr(BenchConfig(), k)})
     if c.preset not in PRESETS:
         raise ValueError(f"--preset must be one of {list(PRESETS)}, got {c.preset!r}")
     p = PRESETS[c.preset]
     c.device, c.dtype = c.device or p["device"], c.dtype or p["dtype"]
     c.lengths = sorted(set(c.lengths or p["lengths"]))
-    c.out = c.out or os.path.join("bench_results", f"{c.preset}_{c.device.split(':')[0]}" + "_long" * c.long)
+    tail = "_long" * c.long + "_smoke" * c.smoke                  # --smoke never overwrites measured results
+    c.out = c.out or os.path.join("bench_results", f"{c.preset}_{c.device.split(':')[0]}{tail}")
     for bad, msg in [(c.dtype not in DTYPES, f"--dtype must be one of {list(DTYPES)}"),
                      (c.device.startswith("cuda") and not torch.cuda.is_available(), "no CUDA device (--device cpu?)"),
                      (not set(c.parts) <= {"kernel", "table2", "model"}, "--parts takes kernel, table2, model"),
@@ -123,91 +111,76 @@ def failure(e: BaseException) -> dict:
     return {"status": "oom" if oom else "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
-# ----------------------------------------------------------------------------------------------
-# One model point (in its own process)
-
+# ---- One model point (in its own process) ---------------------------------------------------------------------
 def model_config(c: BenchConfig, layout: str) -> ModelConfig:
     base = ModelConfig.hovle() if c.preset == "hovle" else ModelConfig()
-    n = base.n_layers
-    n_attn = {"linear": 0, "hybrid": n // 4 if c.hybrid_attn is None else c.hybrid_attn}.get(layout, n)
-    return base.replace(layers=make_layers(n, n_attn))
+    n_attn = {"linear": 0, "hybrid": base.n_layers // 4 if c.hybrid_attn is None else c.hybrid_attn}
+    return base.replace(layers=make_layers(base.n_layers, n_attn.get(layout, base.n_layers)))
 
 
 def build_model(c: BenchConfig, layout: str) -> Model:
     """Model(cfg) built on the device itself: its constructors and reset_parameters' draws run there."""
     torch.manual_seed(c.seed)
     with torch.device(c.device):
-        model = Model(model_config(c, layout))
-    return model.to(DTYPES[c.dtype]).eval()
-
-
-def make_prompt(cfg: ModelConfig, L: int | None, c: BenchConfig):
-    """(ids (1, T), pixels or None): L random text tokens, or (L None) Table 2's text, images, text."""
-    g = torch.Generator().manual_seed(c.seed)
-    text = lambda n: torch.randint(cfg.img_context_id + 1, cfg.vocab_size, (1, n), generator=g)
-    if L is not None:
-        return text(L).to(c.device), None
-    n_img = max(1, math.ceil(c.table2_image_tokens / cfg.image_tokens))
-    img = torch.full((1, n_img * cfg.image_tokens), cfg.img_context_id)
-    ids = torch.cat([text(16), img, text(16)], 1).to(c.device)
-    return ids, torch.randn(n_img, 3, cfg.image_size, cfg.image_size, generator=g).to(c.device, DTYPES[c.dtype])
+        return Model(model_config(c, layout)).to(DTYPES[c.dtype]).eval()
 
 
 def memory_run(run, device: torch.device) -> tuple:
-    """(baseline bytes, peak bytes) of run(): CUDA allocated; CPU RSS, the peak (VmHWM) reset through
-    /proc/self/clear_refs (Linux)."""
+    """(baseline, peak) bytes of run(): CUDA allocated; CPU RSS, its peak (VmHWM) reset via /proc/self/clear_refs."""
     gc.collect()
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run()
-        return base, torch.cuda.max_memory_allocated(device)
-    status = lambda key: 1024 * next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS:")
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    rss = lambda key: 1024 * next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key))
+    base = torch.cuda.memory_allocated(device) if cuda else rss("VmRSS:")
     run()
-    return base, status("VmHWM:")
+    return base, torch.cuda.max_memory_allocated(device) if cuda else rss("VmHWM:")
 
 
 def run_point(spec: dict) -> dict:
-    """Build and warm up; then time `repeats` runs of Model.generate by its own stats, or (spec
-    "memory") measure the memory of one run."""
+    """Build, warm up, then time `repeats` runs of Model.generate by its stats, or (spec "memory") measure one run.
+    The prompt: L random text tokens, or (L None) Table 2's 16 text tokens, whole images, 16 text tokens."""
     c, layout, L = BenchConfig(**spec["config"]), spec["layout"], spec["L"]
     torch.set_num_threads(c.threads or torch.get_num_threads())
-    device, n, t0 = torch.device(c.device), c.new_tokens, time.perf_counter()
-    model = build_model(c, layout)
-    build_s = time.perf_counter() - t0
-    ids, px = make_prompt(model.cfg, L, c)
-    seg, T = (None if layout == "teacher" else c.segment), ids.shape[1]
+    n, g, model = c.new_tokens, torch.Generator().manual_seed(c.seed), build_model(c, layout)
+    cfg, px = model.cfg, None
+    text = lambda k: torch.randint(cfg.img_context_id + 1, cfg.vocab_size, (1, k), generator=g)
+    if L is None:
+        n_img = max(1, math.ceil(c.table2_image_tokens / cfg.image_tokens))
+        ids = torch.cat([text(16), torch.full((1, n_img * cfg.image_tokens), cfg.img_context_id), text(16)], 1)
+        px = torch.randn(n_img, 3, cfg.image_size, cfg.image_size, generator=g).to(c.device, DTYPES[c.dtype])
+    ids, seg = (text(L) if L else ids).to(c.device), None if layout == "teacher" else c.segment
+    T, cache, runs = ids.shape[1], None, []
     # warm-up: two segments, the second as long as the prompt's last one (Triton specialises on lengths)
     W = T if px is not None or T <= (seg or 512) else (seg + (T % seg or seg) if seg else 512)
     model.generate(ids[:, :W], px, max_new_tokens=min(n, 4), segment=seg)
-    cache, runs = None, []
 
     def run(stats):
         nonlocal cache
         cache = model.new_cache(capacity=T + n)
         assert model.generate(ids, px, max_new_tokens=n, segment=seg, cache=cache, stats=stats).shape[1] == n
     if spec.get("memory"):
-        base, peak = memory_run(lambda: run({}), device)
+        base, peak = memory_run(lambda: run({}), torch.device(c.device))
         return {"peak_mib": peak / MiB, "baseline_mib": base / MiB, "run_mib": (peak - base) / MiB,
                 "cache_mib": cache.nbytes() / MiB}
     while not runs or (len(runs) < c.repeats and sum(r["prefill_s"] + r["decode_s"] for r in runs) < c.point_budget_s):
         runs.append({})
         run(runs[-1])
     p, d = (statistics.median(r[k] for r in runs) for k in ("prefill_s", "decode_s"))
-    return {"prompt_tokens": T, "image_tokens": int((ids == model.cfg.img_context_id).sum()),
-            "segment": seg, "repeats": len(runs), "prefill_s": p, "decode_s": d, "total_s": p + d,
+    return {"prompt_tokens": T, "image_tokens": int((ids == cfg.img_context_id).sum()), "segment": seg,
+            "repeats": len(runs), "prefill_s": p, "decode_s": d, "total_s": p + d,
             "prefill_all_s": [r["prefill_s"] for r in runs], "decode_all_s": [r["decode_s"] for r in runs],
             "decode_ms_per_token": 1e3 * d / (n - 1), "tokens_per_s": n / (p + d), "cache_mib": cache.nbytes() / MiB,
-            "params": sum(q.numel() for q in model.parameters()), "build_s": build_s, "threads": torch.get_num_threads()}
+            "params": sum(q.numel() for q in model.parameters()), "threads": torch.get_num_threads()}
 
 
 def run_point_safe(spec: dict, memory: bool = True) -> dict:
-    """The point's times and (in the same process: only roughly, on a CPU) its memory."""
+    """The point's times and (memory: in this process, only roughly on a CPU) its memory; or its failure."""
     try:
         return {"status": "ok", **run_point(spec), **(run_point({**spec, "memory": True}) if memory else {})}
     except Exception as e:                              # recorded; the run goes on
@@ -215,10 +188,7 @@ def run_point_safe(spec: dict, memory: bool = True) -> dict:
 
 
 def run_point_subprocess(spec: dict, timeout_s: float) -> dict:
-    """The point's times in a fresh interpreter, then its memory in another one, in which glibc maps every
-    block of 64 KiB or more, so that RSS follows the live tensors (with glibc's dynamic threshold one point
-    varied from 18 to 48 MiB between identical runs; mapping makes prefill up to 2.5x slower: not timed).
-    A timeout, kill or crash becomes the point's status."""
+    """Times in a fresh interpreter, then memory in another one with glibc's mmap threshold at 64 KiB."""
     t0, out = time.time(), {}
     for extra, env in (({}, {}), ({"memory": True}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})):
         cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps({**spec, **extra})]
@@ -229,24 +199,20 @@ def run_point_subprocess(spec: dict, timeout_s: float) -> dict:
             return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
         line = next((ln for ln in reversed(r.stdout.splitlines()) if ln.startswith(TAG)), None)
         if line is None:
-            tail = (r.stderr or r.stdout).strip()[-300:]
             oom = " (SIGKILL: out of memory?)" if r.returncode == -9 else ""
-            return {"status": "killed" if r.returncode < 0 else "failed", "error": f"exit {r.returncode}{oom}; {tail}"}
+            return {"status": "killed" if r.returncode < 0 else "failed",
+                    "error": f"exit {r.returncode}{oom}; {(r.stderr or r.stdout).strip()[-300:]}"}
         out.update(json.loads(line[len(TAG):]))
         if out["status"] != "ok":
-            return out
-        out["memory_run_s" if extra else "timing_run_s"] = time.time() - t0 - out.get("timing_run_s", 0.0)
+            break
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The model section: Table 2, linear at every length, then hybrid, teacher, teacher-seg by length (the budget
-# cuts the end)
-
+# ---- The model section: Table 2, linear at every length, then hybrid, teacher, teacher-seg by length ----------
 def predict_s(c: BenchConfig, done: list, layout: str, L: int | None) -> float:
-    """Wall time of a point from the layout's last one: its overhead (processes, build, warm-up) plus its
-    timed runs and the memory run (mapped allocations: ~2.5 timed runs without attention, ~1.5 with), a
-    run's prefill scaled by (L / L0)^2 and decode by L / L0 with attention layers, by L / L0 and 1 without."""
+    """Wall time of a point from the layout's last one: its overhead (processes, build, warm-up) plus its timed
+    runs and the memory run (mapped allocations: ~2.5 timed runs without attention, ~1.5 with), a run's prefill
+    scaled by (L / L0)^2 and decode by L / L0 with attention layers, by L / L0 and 1 without."""
     if not done or L is None:
         return 0.0
     p, k, mem = done[-1], (1 if layout == "linear" else 2), (2.5 if layout in ("linear", "hybrid") else 1.5)
@@ -256,7 +222,8 @@ def predict_s(c: BenchConfig, done: list, layout: str, L: int | None) -> float:
 
 
 def model_section(c: BenchConfig, started: float, save) -> list:
-    specs = [("table2", lay, None) for lay in ("teacher", "linear", "hybrid")] if "table2" in c.parts else []
+    """The points in that order (the budget cuts the end); a layout's failure skips its longer lengths."""
+    specs = [("table2", lay, None) for lay in ("teacher", "linear", "hybrid") if "table2" in c.parts]
     if "model" in c.parts:
         specs += [("length", "linear", L) for L in c.lengths]
         specs += [("length", lay, L) for L in c.lengths for lay in ("hybrid", "teacher", "teacher-seg")]
@@ -266,107 +233,75 @@ def model_section(c: BenchConfig, started: float, save) -> list:
         bad = next((p for p in prev if p["status"] != "ok"), None)
         left = c.budget_s - (time.time() - started) - REPORT_S if c.budget_s else math.inf
         pred = predict_s(c, [p for p in prev if p["status"] == "ok"], layout, L)
+        spec, t0 = {"config": dataclasses.asdict(c), "kind": kind, "layout": layout, "L": L}, time.time()
         if bad:
             r = {"status": bad["status"] if bad["status"].startswith("skipped") else "skipped",
                  "error": f"{bad['status']} at L={bad['L']}"}
         elif pred > left:
             r = {"status": "skipped (budget)", "error": f"predicted {pred:.0f} s, {max(left, 0):.0f} s left"}
         else:
-            spec, t0 = {"config": dataclasses.asdict(c), "kind": kind, "layout": layout, "L": L}, time.time()
             r = run_point_safe(spec) if c.smoke else run_point_subprocess(spec, min(c.timeout_s, left))
             r["wall_s"] = time.time() - t0
         points.append({"kind": kind, "layout": layout, "L": L, **r})
-        print(f"  {kind} {layout} L={L or r.get('prompt_tokens')}: " + (
-            f"{r['total_s']:.2f} s, {r['decode_ms_per_token']:.1f} ms/token, {r['run_mib']:.1f} MiB above the "
-            f"baseline, wall {r['wall_s']:.0f} s" if r["status"] == "ok" else f"{r['status']}: {r['error'][:90]}"),
-            flush=True)
+        print(f"  {kind} {layout} L={L or r.get('prompt_tokens')}: {r['status']}, " + (
+            f"{r['total_s']:.2f} s, {r['run_mib']:.1f} MiB above the baseline, wall {r['wall_s']:.0f} s"
+            if r["status"] == "ok" else r["error"][:90]), flush=True)
         save(points)
     return points
 
 
-# ----------------------------------------------------------------------------------------------
-# The kernel section (in this process)
-
+# ---- The kernel section (in this process) ----------------------------------------------------------------------
 def timeit(fn, device: torch.device, repeats: int, budget_s: float) -> list:
     """Synchronised wall times of fn(): at least one, at most `repeats`, stopping once they pass budget_s."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    ts = []
+    clock, ts = lambda: (torch.cuda.synchronize() if device.type == "cuda" else None, time.perf_counter())[1], []
     while not ts or (len(ts) < repeats and sum(ts) < budget_s):
-        sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return ts
 
 
-def kernels(device: torch.device, Q: int) -> dict:
-    """name -> (fn(inputs) -> output, the inputs it reads and differentiates)."""
-    ssd = lambda f: (lambda t: f(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=Q)[0], ("x", "dt", "B", "C"))
-    ks = {"ssd_naive": ssd(ssd_naive), "ssd_chunked": ssd(ssd_chunked)}
-    if device.type == "cuda" and ssd_triton is not None:
-        ks["ssd_triton"] = ssd(ssd_triton)
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla as gla
-        kw = {"head_first": False} if "head_first" in inspect.signature(gla).parameters else {}
-        if device.type == "cuda":
-            ks["fla_simple_gla"] = (lambda t: gla(t["C"], t["fk"], t["fv"], t["fg"], scale=1.0, **kw)[0],
-                                    ("C", "fk", "fv", "fg"))
-    except Exception:                                   # optional (not installed, no GPU Triton)
-        pass
-    ks["sdpa_causal"] = (lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True,
-                                                                  enable_gqa=True), ("q", "k", "v"))
-    return ks
-
-
-def kernel_inputs(b: int, L: int, mc: ModelConfig, device, dtype, fla: bool) -> dict:
-    """The mixer's GQA layout: x, B (b, L, Hkv, P), C (b, L, H, N = P), dt (b, L, H), A (H,) float32;
-    SDPA's q (b, H, L, P), k, v (b, Hkv, L, P); fla's k, v = dt x (repeated to H heads), g = dt A."""
+def kernel_setup(b: int, L: int, mc: ModelConfig, device, dtype) -> tuple:
+    """(name -> (fn(inputs) -> y, the inputs it reads and differentiates), inputs), the mixer's GQA layout: x, B
+    (b, L, Hkv, P), C (b, L, H, N = P), dt (b, L, H), A (H,); SDPA's q (b, H, L, P), k, v (b, Hkv, L, P); on CUDA
+    ssd_triton and, if installed, fla's chunk_simple_gla (q = C, k = B, v = dt x to H heads, g = dt A, scale 1)."""
     H, G, P = mc.n_heads, mc.n_kv_heads, mc.head_dim
     g = torch.Generator(device=device).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=device, generator=g)
     t = {"x": r(b, L, G, P).to(dtype), "dt": F.softplus(r(b, L, H) - 3), "A": -1 - 15 * r(H).sigmoid(),
          "B": (r(b, L, G, P) / P ** 0.5).to(dtype), "C": (r(b, L, H, P) / P ** 0.5).to(dtype),
          "q": r(b, H, L, P).to(dtype), "k": r(b, G, L, P).to(dtype), "v": r(b, G, L, P).to(dtype)}
-    if fla:
-        t.update(fk=t["B"].repeat_interleave(H // G, 2), fg=t["dt"] * t["A"],
-                 fv=(t["dt"][..., None] * t["x"].repeat_interleave(H // G, 2)).to(dtype))
-    return t
-
-
-def kernel_row(c: BenchConfig, fn, reads, t: dict, mode: str, warm: bool) -> dict:
-    """Median ms of fn on the inputs t (forward, or forward + backward of sum(y))."""
-    leaf = {k: v.detach().requires_grad_(mode != "fwd" and k in reads) for k, v in t.items()}
-
-    def call():
-        with torch.set_grad_enabled(mode != "fwd"):
-            y = fn(leaf)
-        if mode != "fwd":
-            y.backward(torch.ones_like(y))
+    ssd = lambda f: (lambda t: f(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=mc.ssd_chunk_size)[0],
+                     ("x", "dt", "B", "C"))
+    ks = {"ssd_naive": ssd(ssd_naive), "ssd_chunked": ssd(ssd_chunked)}
+    if device.type == "cuda" and ssd_triton is not None:
+        ks["ssd_triton"] = ssd(ssd_triton)
     try:
-        call() if warm else None
-        ts = [1e3 * s for s in timeit(call, torch.device(c.device), c.repeats, c.point_budget_s)]
-        return {"status": "ok", "ms": statistics.median(ts), "all_ms": ts}
-    except Exception as e:                              # recorded; the section goes on
-        return failure(e)
-    finally:
-        leaf = None
-        gc.collect()
-        torch.cuda.empty_cache() if c.device.startswith("cuda") else None
+        if device.type == "cuda":
+            from fla.ops.simple_gla import chunk_simple_gla as gla
+            kw = {"head_first": False} if "head_first" in inspect.signature(gla).parameters else {}
+            ks["fla_simple_gla"] = (lambda t: gla(t["C"], t["fk"], t["fv"], t["fg"], scale=1.0, **kw)[0],
+                                    ("C", "fk", "fv", "fg"))
+            t.update(fk=t["B"].repeat_interleave(H // G, 2), fg=t["dt"] * t["A"],
+                     fv=(t["dt"][..., None] * t["x"].repeat_interleave(H // G, 2)).to(dtype))
+    except Exception:                                   # optional (not installed, no GPU Triton)
+        pass
+    ks["sdpa_causal"] = (lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True,
+                                                                  enable_gqa=True), ("q", "k", "v"))
+    return ks, t
 
 
 def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
-    """Every kernel x mode x batch x length; a call predicted (from the last length: linear, SDPA quadratic)
-    to pass --kernel-max-s or the deadline is skipped. bytes: the inputs read + the output written (fwd),
-    3 x inputs + 2 x output (fwd+bwd); the floor is those bytes at a measured copy bandwidth."""
-    device, mc = torch.device(c.device), model_config(c, "linear")
-    ks, modes, rows, last = kernels(device, mc.ssd_chunk_size), ["fwd", "fwd+bwd"][:1 + c.backward], [], {}
-    src = torch.ones(1 << (28 if device.type == "cuda" else 26), device=device)
-    dst = torch.zeros_like(src)
+    """Every kernel x mode x batch x length: median ms of the forward, or of forward + backward of sum(y); a call
+    predicted (from the last length: linear, SDPA quadratic) to pass the deadline is skipped. bytes: the inputs
+    read + the output written (fwd), 3 x inputs + 2 x output (fwd+bwd); floor: those bytes at the copy bandwidth."""
+    device, mc, modes, rows, last = torch.device(c.device), model_config(c, "linear"), ["fwd", "fwd+bwd"], [], {}
+    modes = modes[:1 + c.backward]
+    src, dst = (torch.full((1 << (28 if device.type == "cuda" else 26),), v, device=device) for v in (1.0, 0.0))
     bw = 8 * src.numel() / statistics.median(timeit(lambda: dst.copy_(src), device, 5, 1e9))
     del src, dst
     for b, L in ((b, L) for b in c.batch for L in c.lengths):
-        t = kernel_inputs(b, L, mc, device, DTYPES[c.dtype], "fla_simple_gla" in ks)
+        ks, t = kernel_setup(b, L, mc, device, DTYPES[c.dtype])
         for (name, (fn, reads)), mode in ((k, m) for k in ks.items() for m in modes):
             if name == "ssd_naive" and L > 1024:                         # a token loop
                 continue
@@ -376,36 +311,37 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
             if s0 is None or time.time() + one * (c.repeats + 1) > deadline:
                 row.update(status="skipped", error="not run at a smaller L" if s0 is None else f"predicted {one:.1f} s")
             else:
-                row.update(kernel_row(c, fn, reads, t, mode, warm=device.type == "cuda" or key not in last))
-            if row["status"] == "ok":
-                io = sum(t[k].numel() * t[k].element_size() for k in reads), t["C"].numel() * t["x"].element_size()
-                row["bytes"] = io[0] + io[1] if mode == "fwd" else 3 * io[0] + 2 * io[1]
-                row.update(gb_s=row["bytes"] / row["ms"] / 1e6, floor_ms=1e3 * row["bytes"] / bw)
+                leaf = {k: v.detach().requires_grad_(mode != "fwd" and k in reads) for k, v in t.items()}
+                call = lambda: (y := fn(leaf)).backward(torch.ones_like(y)) if mode != "fwd" else fn(leaf)
+                rd, wr = sum(t[k].numel() * t[k].element_size() for k in reads), t["C"].numel() * t["x"].element_size()
+                nbytes = rd + wr if mode == "fwd" else 3 * rd + 2 * wr
+                try:
+                    with torch.set_grad_enabled(mode != "fwd"):
+                        call() if device.type == "cuda" or key not in last else None          # warm-up
+                        ms = statistics.median(1e3 * s for s in timeit(call, device, c.repeats, c.point_budget_s))
+                    row.update(status="ok", ms=ms, bytes=nbytes, gb_s=nbytes / ms / 1e6, floor_ms=1e3 * nbytes / bw)
+                except Exception as e:                  # recorded; the section goes on
+                    row.update(failure(e))
             last[key] = (L, row["ms"] / 1e3 if row["status"] == "ok" else None)
             rows.append(row)
             save(rows)
-        del t
+        t = leaf = None                                 # free the inputs (and grads) before the next size
+        gc.collect()
     return {"shape": {"H": mc.n_heads, "Hkv": mc.n_kv_heads, "P": mc.head_dim, "N": mc.head_dim,
-                      "Q": mc.ssd_chunk_size, "dtype": c.dtype}, "kernels": list(ks), "modes": modes,
-            "copy_gb_s": bw / 1e9, "results": rows}
+                      "Q": mc.ssd_chunk_size, "dtype": c.dtype}, "kernels": list(ks),
+            "modes": modes, "copy_gb_s": bw / 1e9, "results": rows}
 
 
-# ----------------------------------------------------------------------------------------------
-# Ratios, checks (issue 18's acceptance figures), tables, plots
-
+# ---- Ratios, checks (issue 18's acceptance figures), tables, plots ---------------------------------------------
 def compute_ratios(points: list, metric: str) -> list:
     """Linear and hybrid against the one-pass and the segment-wise teacher, at every length."""
     ok = {(p["layout"], p["L"]): p for p in points if p["kind"] == "length" and p["status"] == "ok"}
-    out = []
-    for L, lay, ref in ((L, lay, ref) for L in sorted({L for _, L in ok}) for lay in ("linear", "hybrid")
-                        for ref in ("teacher", "teacher-seg")):
-        s, t = ok.get((lay, L)), ok.get((ref, L))
-        if s and t:
-            out.append({"L": L, "layout": lay, "vs": ref, "speedup": t["total_s"] / s["total_s"],
-                        "prefill_speedup": t["prefill_s"] / s["prefill_s"],
-                        "decode_speedup": t["decode_ms_per_token"] / s["decode_ms_per_token"],
-                        "memory_saving": 1 - s[metric] / t[metric] if t[metric] > 0 else None})
-    return out
+    return [{"L": L, "layout": lay, "vs": ref, "speedup": t["total_s"] / s["total_s"],
+             "prefill_speedup": t["prefill_s"] / s["prefill_s"],
+             "decode_speedup": t["decode_ms_per_token"] / s["decode_ms_per_token"],
+             "memory_saving": 1 - s[metric] / t[metric] if t[metric] > 0 else None}
+            for L in sorted({L for _, L in ok}) for lay in ("linear", "hybrid") for ref in ("teacher", "teacher-seg")
+            if (s := ok.get((lay, L))) and (t := ok.get((ref, L)))]
 
 
 def compute_checks(points: list, metric: str) -> dict:
@@ -414,96 +350,88 @@ def compute_checks(points: list, metric: str) -> dict:
     t2 = {p["layout"]: p["tokens_per_s"] for p in points if p["kind"] == "table2" and p["status"] == "ok"}
     val = lambda lay, L, key=metric: ok[(lay, L)][key] if (lay, L) in ok else math.nan
     div = lambda a, b: a / b if b else math.nan
-    saving = lambda lay, ref: 1 - div(val(lay, 32768), val(ref, 32768))
+    saving = lambda lay, ref: 1 - div(val(lay, 32768), val(ref, 32768))           # at 32K
     lin = sorted(L for lay, L in ok if lay == "linear")
     lo, hi = next((L for L in lin if L >= 4096), 0), max(lin, default=0)
     ms = [val("linear", L, "decode_ms_per_token") for L in lin]
-    flat = div(val("linear", hi), val("linear", lo)) - 1 if hi > lo else math.nan
-    rows = {"linear_memory_flat": (f"linear memory at L={hi or '-'} / at L={lo or '-'} - 1", flat, "within +-10%",
-                                   lambda v: abs(v) <= 0.1),
-            "linear_saving_32k": ("linear memory saving vs the one-pass teacher, 32K", saving("linear", "teacher"),
-                                  ">= 90%", lambda v: v >= 0.9),
-            "linear_saving_seg_32k": ("linear memory saving vs the segment-wise teacher, 32K",
-                                      saving("linear", "teacher-seg"), ">= 75%", lambda v: v >= 0.75),
-            "hybrid_saving_32k": ("hybrid memory saving vs the one-pass teacher, 32K", saving("hybrid", "teacher"),
-                                  ">= 60%", lambda v: v >= 0.6),
-            "linear_decode_ms": ("linear decode ms/token, the largest", max(ms, default=math.nan), "<= 3 ms",
-                                 lambda v: v <= 3),
-            "linear_decode_flat": (f"linear decode ms/token, max / min - 1, L={lin[0] if lin else 0}..{hi}",
-                                   div(max(ms), min(ms)) - 1 if len(ms) > 1 else math.nan, "<= 20%",
-                                   lambda v: v <= 0.2),
-            "table2_speedup": ("Table 2 setting: linear tokens/s / teacher tokens/s", div(t2.get("linear", math.nan),
-                               t2.get("teacher", math.nan)), ">= 2x", lambda v: v >= 2)}
-    return {k: {"what": w, "value": v if math.isfinite(v) else None, "target": tg,
-                "pass": bool(f(v)) if math.isfinite(v) else None} for k, (w, v, tg, f) in rows.items()}
+    rows = [("linear_memory_flat", div(val("linear", hi), val("linear", lo)) - 1 if hi > lo else math.nan,
+             f"within +-10% (L={lo or '-'}..{hi or '-'})", lambda v: abs(v) <= 0.1),
+            ("linear_saving_32k", saving("linear", "teacher"), ">= 90%", lambda v: v >= 0.9),
+            ("linear_saving_seg_32k", saving("linear", "teacher-seg"), ">= 75%", lambda v: v >= 0.75),
+            ("hybrid_saving_32k", saving("hybrid", "teacher"), ">= 60%", lambda v: v >= 0.6),
+            ("linear_decode_ms", max(ms, default=math.nan), "<= 3 ms (the largest)", lambda v: v <= 3),
+            ("linear_decode_flat", div(max(ms), min(ms)) - 1 if len(ms) > 1 else math.nan,
+             f"max / min - 1 <= 20% (L={lin[0] if lin else 0}..{hi})", lambda v: v <= 0.2),
+            ("table2_speedup", div(t2.get("linear", math.nan), t2.get("teacher", math.nan)), ">= 2x", lambda v: v >= 2)]
+    return {k: {"value": v if math.isfinite(v) else None, "target": tg,
+                "pass": bool(f(v)) if math.isfinite(v) else None} for k, v, tg, f in rows}
+
+
+def vs_teachers(ratios: list, layout: str, L: int, key: str, fmt: str) -> str:
+    """'a | b': the ratio `key` of `layout` at L against the one-pass | segment-wise teacher ('-': none)."""
+    v = {r["vs"]: r[key] for r in ratios if (r["layout"], r["L"]) == (layout, L)}
+    return " | ".join("-" if v.get(ref) is None else fmt.format(v[ref]) for ref in ("teacher", "teacher-seg"))
 
 
 def ratio_text(ratios: list, key: str) -> str:
     """'speed-up at L=32768 vs the one-pass | segment-wise teacher: linear 8.3x | 7.9x, hybrid ...'."""
     if not ratios:
         return ""
-    L = max(r["L"] for r in ratios)
-    fmt = (lambda v: f"{v:.1f}x") if key == "speedup" else (lambda v: "-" if v is None else f"{100 * v:.0f}%")
-    by = {(r["layout"], r["vs"]): fmt(r[key]) for r in ratios if r["L"] == L}
+    L, fmt = max(r["L"] for r in ratios), "{:.1f}x" if key == "speedup" else "{:.0%}"
     return (f"{'speed-up' if key == 'speedup' else 'memory saving'} at L={L} vs the one-pass | segment-wise "
-            "teacher: " + ", ".join(f"{lay} {by.get((lay, 'teacher'), '-')} | {by.get((lay, 'teacher-seg'), '-')}"
-                                    for lay in ("linear", "hybrid")))
+            "teacher: " + ", ".join(f"{lay} {vs_teachers(ratios, lay, L, key, fmt)}" for lay in ("linear", "hybrid")))
 
 
-def summary_line(res: dict) -> str:
-    model, kern = res.get("model") or {}, (res.get("kernel") or {}).get("results", [])
-    ch = [v["pass"] for v in model.get("checks", {}).values()]
-    parts = [ratio_text(model.get("ratios", []), "speedup"), ratio_text(model.get("ratios", []), "memory_saving"),
-             ch and f"checks: {ch.count(True)} pass, {ch.count(False)} fail, {ch.count(None)} not measured",
-             kern and f"{sum(r['status'] == 'ok' for r in kern)} of {len(kern)} kernel timings ok"]
-    return "; ".join(p for p in parts if p) or "nothing measured"
+def table(cols: list, rows: list) -> list:
+    """Columns (header, format spec: numbers formatted by it; right-aligned if given); a short row ends in free text."""
+    cells = [[h for h, _ in cols]] + [[v if isinstance(v, str) else format(v, s) for v, (_, s) in zip(r, cols)]
+                                      for r in rows]
+    w = [max(len(r[i]) for r in cells if len(r) == len(cols)) for i in range(len(cols))]
+    return ["  ".join(f"{x:{'>' if s else '<'}{n}}" for x, (_, s), n in zip(r, cols, w)).rstrip() for r in cells]
 
 
 def table_lines(res: dict) -> list:
-    c, model, lines = res["config"], res.get("model") or {}, []
-    pts, metric = model.get("points", []), model.get("memory_metric")
-    st = lambda p: f"  {p['status']}: {p.get('error', '')[:80]}"
+    """table.txt: Table 2; time, memory and ratios by length (Fig. 1 c-d); issue 18's checks; the kernels."""
+    c, model, kern, lines = res["config"], res.get("model") or {}, res.get("kernel") or {}, []
+    pts, metric, ratios = model.get("points", []), model.get("memory_metric"), model.get("ratios", [])
+    failed = lambda p: f"{p['status']}: {p.get('error', '')[:80]}"
     t2 = {p["layout"]: p for p in pts if p["kind"] == "table2"}
-    tt = t2.get("teacher", {}).get("tokens_per_s")
     if t2:
-        p0 = next((p for p in t2.values() if p["status"] == "ok"), {})
-        lines += ["", f"Table 2 setting: {p0.get('prompt_tokens', '?')} prompt tokens ({p0.get('image_tokens', '?')} "
-                  f"image tokens), {c['new_tokens']} generated",
-                  f"{'model':<10}{'prefill s':>10}{'decode s':>9}{'tok/s':>8}{'vs teacher':>11}{'paper tok/s':>12}"]
-        lines += [f"{lay:<10}" + (st(p) if p["status"] != "ok" else f"{p['prefill_s']:>10.3f}{p['decode_s']:>9.3f}"
-                  f"{p['tokens_per_s']:>8.1f}{p['tokens_per_s'] / tt if tt else math.nan:>10.2f}x"
-                  f"{PAPER['table2_tokens_per_s'][lay]:>12}") for lay, p in t2.items()]
-    rat = {(r["layout"], r["L"], r["vs"]): r for r in model.get("ratios", [])}
+        p0, tt = next((p for p in t2.values() if p["status"] == "ok"), {}), t2.get("teacher", {}).get("tokens_per_s")
+        lines += ["", f"Table 2 setting: {p0.get('prompt_tokens')} prompt tokens ({p0.get('image_tokens')} image "
+                  f"tokens), {c['new_tokens']} generated", *table(
+                      [("model", ""), ("prefill s", ".3f"), ("decode s", ".3f"), ("tok/s", ".1f"),
+                       ("vs teacher", ">"), ("paper tok/s", "g")],
+                      [[lay, failed(p)] if p["status"] != "ok" else [
+                          lay, p["prefill_s"], p["decode_s"], p["tokens_per_s"],
+                          f"{p['tokens_per_s'] / (tt or math.nan):.2f}x", PAPER["table2_tokens_per_s"][lay]]
+                       for lay, p in t2.items()])]
     lens = sorted((p for p in pts if p["kind"] == "length"), key=lambda p: (p["L"], LAYOUTS.index(p["layout"])))
     if lens:
-        lines += ["", f"Prefill L + {c['new_tokens']} generated tokens; memory = {MEMORY[metric]}; speed-up and "
-                  "saving vs the one-pass | segment-wise teacher", f"{'L':>7} {'model':<12}{'prefill s':>10}"
-                  f"{'ms/tok':>8}{'total s':>9}{'mem MiB':>9}{'cache MiB':>10}{'speed-up':>16}{'mem saved':>15}"]
-    for p in lens:
-        r = [rat.get((p["layout"], p["L"], v)) for v in ("teacher", "teacher-seg")]
-        sp = " | ".join("-" if x is None else f"{x['speedup']:.2f}x" for x in r)
-        ms = " | ".join("-" if x is None or x["memory_saving"] is None else f"{x['memory_saving']:.0%}" for x in r)
-        lines.append(f"{p['L']:>7} {p['layout']:<12}" + (st(p) if p["status"] != "ok" else f"{p['prefill_s']:>10.3f}"
-                     f"{p['decode_ms_per_token']:>8.2f}{p['total_s']:>9.3f}{p[metric]:>9.1f}{p['cache_mib']:>10.2f}"
-                     f"{sp:>16}{ms:>15}"))
-    if lens:
         f = PAPER["fig1_vs_teacher"]
-        lines.append(f"paper (HoVLE-2.6B, 103K tokens, RTX 4090, vs its teacher): linear {f['linear']['speedup']}x, "
-                     f"{f['linear']['memory_saving']:.1%} less memory; hybrid {f['hybrid']['speedup']}x, "
-                     f"{f['hybrid']['memory_saving']:.1%}")
-    lines += [f"check {k:<22}{'-' if v['value'] is None else format(v['value'], '.3g'):>8}  {v['target']:<13}"
-              f"{ {True: 'PASS', False: 'FAIL'}.get(v['pass'], 'n/a'):<5} {v['what']}"
-              for k, v in model.get("checks", {}).items()]
-    kern = res.get("kernel") or {}
+        lines += ["", f"Prefill L + {c['new_tokens']} generated tokens; memory = {MEMORY[metric]}; speed-up and "
+                  "memory saved vs the one-pass | segment-wise teacher", *table(
+                      [("L", "d"), ("model", ""), ("prefill s", ".3f"), ("ms/tok", ".2f"), ("total s", ".3f"),
+                       ("mem MiB", ".1f"), ("cache MiB", ".2f"), ("speed-up", ">"), ("mem saved", ">")],
+                      [[p["L"], p["layout"], failed(p)] if p["status"] != "ok" else [
+                          p["L"], p["layout"], p["prefill_s"], p["decode_ms_per_token"], p["total_s"], p[metric],
+                          p["cache_mib"], vs_teachers(ratios, p["layout"], p["L"], "speedup", "{:.2f}x"),
+                          vs_teachers(ratios, p["layout"], p["L"], "memory_saving", "{:.0%}")] for p in lens]),
+                  f"paper (HoVLE-2.6B, 103K tokens, RTX 4090, vs its teacher): linear {f['linear']['speedup']}x, "
+                  f"{f['linear']['memory_saving']:.1%} less memory; hybrid {f['hybrid']['speedup']}x, "
+                  f"{f['hybrid']['memory_saving']:.1%}"]
+    if model.get("checks"):
+        lines += ["", *table([("issue 18 check", ""), ("value", ".3g"), ("pass", ""), ("target", "")], [
+            [k, "-" if v["value"] is None else v["value"], {True: "PASS", False: "FAIL"}.get(v["pass"], "n/a"),
+             v["target"]] for k, v in model["checks"].items()])]
     if kern.get("results"):
-        s, by = kern["shape"], {(r["kernel"], r["mode"], r["b"], r["L"]): r for r in kern["results"]}
-        cell = lambda r: "" if r is None else (f"{r['ms']:.3g} ({r['gb_s']:.3g}; {r['floor_ms']:.2g})"
-                                               if r["status"] == "ok" else r["status"])
-        lines += ["", f"Kernels, H={s['H']} Hkv={s['Hkv']} P=N={s['P']} Q={s['Q']} {s['dtype']}: ms (achieved GB/s; "
-                  f"floor ms = its bytes at the measured copy bandwidth, {kern['copy_gb_s']:.1f} GB/s)",
-                  f"{'mode':<8}{'b':>3}{'L':>8}" + "".join(f"{k:>25}" for k in kern["kernels"])]
-        lines += [f"{m:<8}{b:>3}{L:>8}" + "".join(f"{cell(by.get((k, m, b, L))):>25}" for k in kern["kernels"])
-                  for m, b, L in sorted({(r["mode"], r["b"], r["L"]) for r in kern["results"]})]
+        s = kern["shape"]
+        lines += ["", f"Kernels, H={s['H']} Hkv={s['Hkv']} P=N={s['P']} Q={s['Q']} {s['dtype']}; floor = the bytes "
+                  f"at the measured copy bandwidth, {kern['copy_gb_s']:.1f} GB/s", *table(
+                      [("kernel", ""), ("mode", ""), ("b", "d"), ("L", "d"), ("ms", ".3g"), ("GB/s", ".3g"),
+                       ("floor ms", ".2g")], [[r["kernel"], r["mode"], r["b"], r["L"], *(
+                          [r["ms"], r["gb_s"], r["floor_ms"]] if r["status"] == "ok" else [failed(r)])]
+                                             for r in kern["results"]])]
     return lines
 
 
@@ -525,66 +453,58 @@ def _axes(ax, xs, ylabel: str, title: str) -> None:
 
 
 def make_plots(res: dict, out: str) -> list:
+    """model_time.png, model_memory.png (Fig. 1 c-d), kernel.png: panels (ylabel, title, lines), each line (label,
+    style, color, [(L, y)]), on log-log axes; returns the names written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    files, c, model, kern = [], res["config"], res.get("model") or {}, res.get("kernel") or {}
-    pts = [p for p in model.get("points", []) if p["kind"] == "length"]
-    color = dict(zip(LAYOUTS, ("tab:red", "tab:orange", "tab:blue", "tab:green")))
-
-    def save(fig, name, title):
-        fig.suptitle(f"{c['preset']} preset, {c['dtype']}, {res['machine']['where']}, commit {res['commit']}\n"
-                     + title, fontsize=8)
+    c, model, kern, figs = res["config"], res.get("model") or {}, res.get("kernel") or {}, {}
+    pts, krows = [p for p in model.get("points", []) if p["kind"] == "length"], kern.get("results", [])
+    xy = lambda rows, key, **m: [(r["L"], r[key]) for r in rows if r["status"] == "ok" and r[key] > 0
+                                 and all(r[k] == v for k, v in m.items())]
+    fails = {p["layout"]: f" ({p['status']} from {p['L']})" for p in reversed(pts) if p["status"] != "ok"}
+    curves = lambda key, style="o-", what="": [
+        (f"{lay} ({'one pass' if lay == 'teacher' else 'segments of %d' % c['segment']})"
+         + (what or fails.get(lay, "")), style, f"C{i}", xy(pts, key, layout=lay)) for i, lay in enumerate(LAYOUTS)]
+    if any(p["status"] == "ok" for p in pts):
+        n, metric = c["new_tokens"], model["memory_metric"]
+        figs["model_time.png"] = (ratio_text(model["ratios"], "speedup"), [
+            ("time (s)", f"prefill + {n} generated tokens (paper Fig. 1c)",
+             curves("total_s") + curves("prefill_s", "s--", ": prefill only")),
+            ("ms per generated token", "decode time per token", curves("decode_ms_per_token"))])
+        figs["model_memory.png"] = (ratio_text(model["ratios"], "memory_saving"), [
+            (MEMORY[metric] + " (MiB)", f"memory, prefill + {n} tokens (paper Fig. 1d)",
+             curves(metric) + curves("cache_mib", ":", ": cache (KV / state)"))])
+    if any(r["status"] == "ok" for r in krows):
+        panels, ssd = [], f"C{kern['kernels'].index('ssd_chunked')}"          # a color per kernel, a style per batch
+        for mode in kern["modes"]:
+            lines = [(f"{k} b={b}", ("o-", "s--", "^-.")[i % 3], f"C{j}", xy(krows, "ms", kernel=k, b=b, mode=mode))
+                     for i, b in enumerate(c["batch"]) for j, k in enumerate(kern["kernels"])]
+            lines += [(f"memory floor of the SSD, b={b}", ":", ssd, xy(krows, "floor_ms", kernel="ssd_chunked", b=b,
+                                                                        mode=mode)) for b in c["batch"]]
+            panels.append(("ms", f"kernels, {mode}", lines))
+        figs["kernel.png"] = ("SSD kernels vs causal SDPA", panels)
+    for name, (title, panels) in figs.items():
+        fig, axs = plt.subplots(1, len(panels), figsize=(1.5 + 5.5 * len(panels), 4.8), squeeze=False)
+        for ax, (ylabel, sub, lines) in zip(axs[0], panels):
+            for label, style, color, points in lines:
+                ax.plot([x for x, _ in points], [y for _, y in points], style, color=color, label=label)
+            if xs := sorted({x for *_, points in lines for x, _ in points}):
+                _axes(ax, xs, ylabel, sub)
+        fig.suptitle(f"{c['preset']} preset, {c['dtype']}, {res['machine']['where']}, commit {res['commit']}\n{title}",
+                     fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, name), dpi=110)
         plt.close(fig)
-        files.append(name)
-
-    def draw(ax, key, style="o-", what=""):
-        for lay in LAYOUTS:
-            ok = [p for p in pts if p["layout"] == lay and p["status"] == "ok" and p[key] > 0]
-            bad = next((p for p in pts if p["layout"] == lay and p["status"] != "ok"), None)
-            note = f" ({bad['status']} from {bad['L']})" if bad and not what else ""
-            ax.plot([p["L"] for p in ok], [p[key] for p in ok], style, color=color[lay], label=f"{lay} "
-                    f"({'one pass' if lay == 'teacher' else 'segments of %d' % c['segment']}){note}{what}")
-    if any(p["status"] == "ok" for p in pts):
-        xs, n = sorted({p["L"] for p in pts}), c["new_tokens"]
-        fig, ax = plt.subplots(1, 2, figsize=(13, 4.8))
-        draw(ax[0], "total_s")
-        draw(ax[0], "prefill_s", "s--", ": prefill only")
-        draw(ax[1], "decode_ms_per_token")
-        _axes(ax[0], xs, "time (s)", f"prefill + {n} generated tokens (paper Fig. 1c)")
-        _axes(ax[1], xs, "ms per generated token", "decode time per token")
-        save(fig, "model_time.png", ratio_text(model["ratios"], "speedup"))
-        fig, ax = plt.subplots(figsize=(8, 4.8))
-        draw(ax, model["memory_metric"])
-        draw(ax, "cache_mib", ":", ": cache (KV / state)")
-        _axes(ax, xs, MEMORY[model["memory_metric"]] + " (MiB)", f"memory, prefill + {n} tokens (paper Fig. 1d)")
-        save(fig, "model_memory.png", ratio_text(model["ratios"], "memory_saving"))
-    if any(r["status"] == "ok" for r in kern.get("results", [])):
-        fig, axs = plt.subplots(1, len(kern["modes"]), figsize=(6.5 * len(kern["modes"]), 4.8), squeeze=False)
-        for ax, mode in zip(axs[0], kern["modes"]):
-            for style, b, k in ((("o-", "s--", "^-.")[i % 3], b, k) for i, b in enumerate(c["batch"])
-                                for k in kern["kernels"]):
-                ok = [r for r in kern["results"] if (r["kernel"], r["b"], r["mode"], r["status"]) == (k, b, mode, "ok")]
-                line, = ax.plot([r["L"] for r in ok], [r["ms"] for r in ok], style, label=f"{k} b={b}")
-                if k == "ssd_chunked" and ok:
-                    ax.plot([r["L"] for r in ok], [r["floor_ms"] for r in ok], ":", color=line.get_color(),
-                            label=f"memory floor of the SSD, b={b}")
-            _axes(ax, sorted({r["L"] for r in kern["results"]}), "ms", f"kernels, {mode}")
-        save(fig, "kernel.png", "SSD kernels vs causal SDPA")
-    return files
+    return list(figs)
 
 
-# ----------------------------------------------------------------------------------------------
-# The run
-
+# ---- The run ---------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     cfg = parse_config(BenchConfig, argv, "Speed and memory of teacher / linear / hybrid and of the SSD kernels "
                                           "(mmMamba Fig. 1 (c)(d), Table 2).")
-    if cfg.point:                                       # the child of run_point_subprocess
-        spec = json.loads(cfg.point)
-        res = {"status": "ok", **run_point(spec)} if spec.get("memory") else run_point_safe(spec, memory=False)
+    if cfg.point:                                       # a child of run_point_subprocess
+        res = run_point_safe(json.loads(cfg.point), memory=False)
         print(TAG + json.dumps(res), flush=True)
         return res
     c, threads = resolve(cfg), torch.get_num_threads()
@@ -597,17 +517,14 @@ def main(argv=None) -> dict:
 
 def run(c: BenchConfig) -> dict:
     started, partial = time.time(), os.path.join(c.out, "bench.partial.json")
-    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     gpu = torch.cuda.get_device_name(c.device) if c.device.startswith("cuda") else None
-    res = {"bench": "mmMamba bench.py", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "commit": git_commit(), "config": dataclasses.asdict(c), "paper": PAPER,
+    res = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(), "paper": PAPER,
+           "config": dataclasses.asdict(c), "layouts": {lay: model_config(c, lay).layers for lay in LAYOUTS},
+           "model_config": dataclasses.asdict(model_config(c, "teacher")),
            "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                       "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-                       "cuda": torch.version.cuda, "where": gpu or f"{os.cpu_count()} CPUs ({cpu})",
-                       "load_avg": os.getloadavg()[0]},
-           "layouts": {lay: model_config(c, lay).layers for lay in LAYOUTS},
-           "model_config": dataclasses.asdict(model_config(c, "teacher"))}
+                       "cpu": cpu, "gpu": gpu, "cuda": torch.version.cuda, "load_avg": os.getloadavg()[0],
+                       "where": gpu or f"{os.cpu_count()} CPUs ({cpu})"}}
     os.makedirs(c.out, exist_ok=True)
     print(f"bench: {c.preset} {c.device} {c.dtype}, {c.parts}, L {c.lengths}, {c.new_tokens} new tokens, budget "
           f"{c.budget_s or 'none'} s, commit {res['commit']}, load {res['machine']['load_avg']:.1f}", flush=True)
@@ -620,14 +537,20 @@ def run(c: BenchConfig) -> dict:
         points = model_section(c, started, save("model_points"))
         res["model"] = {"memory_metric": metric, "points": points, "ratios": compute_ratios(points, metric),
                         "checks": compute_checks(points, metric)}
-    res["summary"], res["elapsed_s"] = summary_line(res), time.time() - started
-    res["plots"] = make_plots(res, c.out)
+    model, kern = res.get("model") or {}, res.get("kernel", {}).get("results", [])
+    ch = [v["pass"] for v in model.get("checks", {}).values()]
+    res["summary"] = "; ".join(s for s in [
+        ratio_text(model.get("ratios", []), "speedup"), ratio_text(model.get("ratios", []), "memory_saving"),
+        ch and f"checks: {ch.count(True)} pass, {ch.count(False)} fail, {ch.count(None)} not measured",
+        kern and f"{sum(r['status'] == 'ok' for r in kern)} of {len(kern)} kernel timings ok"] if s)
+    res["summary"] = res["summary"] or "nothing measured"
+    res["elapsed_s"], res["plots"] = time.time() - started, make_plots(res, c.out)
     write_json(os.path.join(c.out, "bench.json"), res)
     if os.path.exists(partial):
         os.remove(partial)
     lines = table_lines(res) + ["", f"{res['machine']['where']}, torch {torch.__version__}, {torch.get_num_threads()} "
-                                f"threads, commit {res['commit']}, {res['elapsed_s']:.0f} s; wrote {c.out}: "
-                                + ", ".join(["bench.json", *res["plots"]]), res["summary"]]
+                                f"threads, {res['elapsed_s']:.0f} s; wrote {c.out}: bench.json, table.txt, "
+                                + ", ".join(res["plots"]), res["summary"]]
     with open(os.path.join(c.out, "table.txt"), "w") as f:
         f.write("\n".join(lines).lstrip("\n") + "\n")
     print("\n".join(lines), flush=True)

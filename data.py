@@ -1,50 +1,38 @@
-"""Synthetic multimodal benchmark, LLaVA-style JSONL data, tokenizer, chat template, batching, scoring.
+"""The benchmark: synthetic images and questions (pillow), LLaVA-style JSONL, tokenizer, chat
+template, batching, scoring.
 
-The paper (mmMamba, arXiv 2502.13145, Tables 1 and 3-6) scores its students on vision-language
-benchmarks: POPE (object hallucination), MME (existence, count, colour, position, OCR, ...),
-TextVQA (reading text in images), GQA (spatial relations), ScienceQA / MMBench (reasoning). HoVLE
-and those benchmarks cannot be downloaded here, so this file draws a small benchmark with the same
-skills using pillow, one category per skill:
+The paper (Tables 1, 3-6) scores its students on POPE, MME, TextVQA, GQA, ScienceQA and others.
+Those and HoVLE cannot be downloaded here, so this file draws a benchmark with the same skills:
 
-    category  mirrors              example question                                 answers
-    exist     POPE, MME existence  Is there a circle? / Is there a red object?      yes / no
-    count     MME count            How many triangles are there?                    0 .. 4
-    color     MME color            What color is the square?                        6 colours
-    shape     MME / GQA attribute  What shape is the blue object?                   5 shapes
-    position  GQA, MME position    Is the circle to the left of the cross?          yes / no
-    text      TextVQA, MME OCR     What does the text say?                          2-4 glyphs
-    reason    ScienceQA / MMBench  Are there more circles than squares?             yes / no
+    category  mirrors              example question                             answers
+    exist     POPE, MME existence  Is there a circle? / Is there a red object?  yes / no
+    count     MME count            How many triangles are there?                0 .. 4
+    color     MME color            What color is the square?                    6 colours
+    shape     MME / GQA attribute  What shape is the blue object?               5 shapes
+    position  GQA, MME position    Is the circle to the left of the cross?      yes / no
+    text      TextVQA, MME OCR     What does the text say?                      2-4 glyphs
+    reason    ScienceQA / MMBench  Are there more circles than squares?         yes / no
 
-Scenes: a 128 px RGB image cut into an 8 x 8 grid of 16 px cells; each cell is empty, holds one
-object (a shape in a colour) or one glyph (a letter or digit on a grey tile; the glyphs of one
-scene form a single word written left to right in adjacent cells of one row). Row 0 is the top row,
-column 0 the left column, and "above" means a smaller row. The model patchifies with 8 px patches
-and pixel-shuffles by 0.5, so every cell becomes exactly one image token: 64 image tokens per image
-(`IMAGE_TOKENS`). Every sample also carries `cells`, 64 ints (row-major, `cells[r * 8 + c]`) saying
-what each cell holds; stage-0 teacher training uses them as an auxiliary per-image-token target
-(the image tokens must therefore be ordered row-major). Every answer is drawn uniformly from its
-category's answer set, independently of the question's wording, so no question can be answered
-without the image; `CHANCE` gives the accuracy of guessing.
+A scene is a 128 px image cut into an 8 x 8 grid of 16 px cells, each empty, one object (a shape in
+a colour) or one glyph (the glyphs of a scene form one word, left to right in one row; row 0 is
+the top). With 8 px patches and a 0.5 pixel shuffle every cell is one image token, row-major, and
+`cells` (64 ints) says what each holds (stage 0's auxiliary target). Answers are drawn uniformly,
+independently of the wording, so no question is answerable without the image; `CHANCE` is the
+accuracy of guessing.
 
-On disk: LLaVA-style JSONL with PNG images beside it (paths relative to the JSONL's folder):
-    {"image": "images/000123.png", "category": "count", "cells": [...64 ints...],
+On disk, LLaVA-style JSONL with images beside it (paths relative to the JSONL's folder):
+    {"image": "images/000123.png", "category": "count", "cells": [... 64 ints ...],
      "conversations": [{"from": "human", "value": "<image>\\nHow many circles are there?"},
                        {"from": "gpt", "value": "3"}]}
-`load_jsonl` reads this and a user's own LLaVA-style file (no `cells` and no `category` needed;
-several human / gpt pairs make a multi-turn sample, every answer trained on, the last one scored).
+`load_jsonl` reads this and a user's own file (`cells`, `category` optional; several human / gpt
+pairs make a multi-turn sample: every answer is trained on, the last one is scored).
 
-Tokenizer: word level over the benchmark's closed vocabulary, with a fallback for anything else
-(a known single character, else its UTF-8 bytes), so any text encodes and decodes exactly, and no
-vocabulary is downloaded. Chat template (HoVLE's InternLM2 chat format), no other spaces:
+Chat template (HoVLE's InternLM2 format; the answers and their <|im_end|> are trained on):
     <s><|im_start|>user\\n<img><IMG_CONTEXT> x 64</img>\\n{question}<|im_end|><|im_start|>assistant\\n
-    {answer}<|im_end|>   [<|im_start|>user\\n{question 2}<|im_end|><|im_start|>assistant\\n{answer 2}<|im_end|> ...]
-The answer tokens and their closing <|im_end|> are the ones trained on (`answer_mask`, `labels`).
+    {answer}<|im_end|>[<|im_start|>user\\n{question 2}<|im_end|><|im_start|>assistant\\n{answer 2}<|im_end|>]
 
-Run:
-    python data.py                                           # preview samples, vocab, chance levels
-    python data.py --out data/train --n 20000 --seed 0       # write a training set
-    python data.py --out data/test --n 1400 --seed 0 --split test   # a held-out test set
-"""
+Run:  python data.py                                               # preview, vocabulary, chance
+      python data.py --out data/test --n 1400 --seed 0 --split test  # write a test set"""
 from __future__ import annotations
 
 import argparse
@@ -68,23 +56,14 @@ from tqdm import tqdm
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = ("circles", "squares", "triangles", "diamonds", "crosses")
-COLORS = {  # name -> RGB; the background is black and text tiles are grey, so none of them clash
-    "red": (230, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 100, 240),
-    "yellow": (245, 220, 40),
-    "purple": (170, 70, 220),
-    "white": (255, 255, 255),
-}
+COLORS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240), "yellow": (245, 220, 40),
+          "purple": (170, 70, 220), "white": (255, 255, 255)}      # on black; text tiles are grey
 COLOR_NAMES = tuple(COLORS)
 GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"  # no I/1, O/0, Q: they look alike in a 5 x 7 font
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 CATEGORIES = ("exist", "count", "color", "shape", "position", "text", "reason")
 
-BACKGROUND = (0, 0, 0)
-TILE = (190, 190, 190)  # the grey tile behind a glyph
-INK = (0, 0, 0)  # glyph colour
-
+BACKGROUND, TILE, INK = (0, 0, 0), (190, 190, 190), (0, 0, 0)   # image, the tile behind a glyph, the glyph
 # Cell classes: 0 = empty, then one per (shape, colour), then one per glyph.
 N_OBJECT_CLASSES = len(SHAPES) * len(COLORS)
 NUM_CELL_CLASSES = 1 + N_OBJECT_CLASSES + len(GLYPHS)  # 62
@@ -112,12 +91,6 @@ def describe_cell(cls: int) -> tuple:
 
 
 IMAGE_TOKENS = (128 // 8 // 2) ** 2  # 64: 128 px, 8 px patches, pixel shuffle 0.5: one token per 16 px cell
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
 @dataclass
 class DataConfig:
     image_size: int = 128  # side of the square RGB image in pixels (user images are resized to it)
@@ -151,20 +124,12 @@ class DataConfig:
     n_cells = property(lambda self: self.grid * self.grid)
 
 
-def chance_levels(cfg: DataConfig | None = None) -> dict[str, float]:
-    """Accuracy of a uniform guess per category (every answer set is drawn uniformly)."""
-    cfg = cfg or DataConfig()
-    n_words = sum(len(GLYPHS) ** n for n in range(cfg.text_min_len, cfg.text_max_len + 1))
-    return {"exist": 0.5, "count": 1 / (cfg.max_count + 1), "color": 1 / len(COLORS),
-            "shape": 1 / len(SHAPES), "position": 0.5, "text": 1 / n_words, "reason": 0.5}
-
-
-CHANCE = chance_levels()
+CHANCE = {"exist": 0.5, "count": 1 / 5, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 0.5,
+          "text": 1 / sum(len(GLYPHS) ** n for n in (2, 3, 4)), "reason": 0.5}    # a uniform guess, DataConfig()
 
 
 # ----------------------------------------------------------------------------------------------
 # Drawing: the image is a pure function of the 64 cell classes.
-
 
 @lru_cache(maxsize=None)
 def _glyph_mask(ch: str, scale: int) -> Image.Image:
@@ -187,18 +152,14 @@ def _draw_object(d: ImageDraw.ImageDraw, shape: str, rgb: tuple, x0: int, y0: in
         d.polygon([(cx, t), (r, b), (l, b)], fill=rgb)
     elif shape == "diamond":
         d.polygon([(cx, t), (r, cy), (cx, b), (l, cy)], fill=rgb)
-    elif shape == "cross":
-        w = size // 8  # half the arm thickness
+    else:  # cross; arms of thickness size // 4
+        w = size // 8
         d.rectangle((l, round(cy) - w, r, round(cy) + w - 1), fill=rgb)
         d.rectangle((round(cx) - w, t, round(cx) + w - 1, b), fill=rgb)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
 
 
 def draw_scene(cells: Sequence[int], cfg: DataConfig) -> Image.Image:
     """Draw the RGB image (cfg.image_size square) whose grid cells hold the classes `cells`."""
-    if len(cells) != cfg.n_cells:
-        raise ValueError(f"cells must have {cfg.n_cells} entries, got {len(cells)}")
     size = cfg.cell_size
     img = Image.new("RGB", (cfg.image_size, cfg.image_size), BACKGROUND)
     d = ImageDraw.Draw(img)
@@ -217,8 +178,7 @@ def draw_scene(cells: Sequence[int], cfg: DataConfig) -> Image.Image:
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> uint8 tensor (3, H, W). Samples keep uint8 (4x smaller than float)."""
-    array = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def pixel_values(image: torch.Tensor) -> torch.Tensor:
@@ -228,7 +188,6 @@ def pixel_values(image: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Samples and question generators
-
 
 @dataclass
 class Sample:
@@ -265,8 +224,7 @@ def _scene(rng: random.Random, cfg: DataConfig, required: list[tuple[int, int]],
 
 
 def _random_word(rng: random.Random, cfg: DataConfig) -> str:
-    n = rng.randint(cfg.text_min_len, cfg.text_max_len)
-    return "".join(rng.choice(GLYPHS) for _ in range(n))
+    return "".join(rng.choice(GLYPHS) for _ in range(rng.randint(cfg.text_min_len, cfg.text_max_len)))
 
 
 def _distinct(rng: random.Random, n_items: int, k: int) -> list[int]:
@@ -380,28 +338,8 @@ def sample_at(cfg: DataConfig, split: str, seed: int, index: int) -> Sample:
                   f"{split}/{seed}/{index}")
 
 
-# The words by which a question names objects: one attribute each ("circle", "squares", "red"
-# as in "the red object"), or "text" for the glyphs. Stage 0's grounding hints (grounding.py)
-# teach an attention head to look, from each such word, at the cells it names.
-OBJECT_WORDS = SHAPES + PLURALS + COLOR_NAMES + ("text",)
-
-
-def word_cells(word: str, cells: Sequence[int]) -> list[int]:
-    """The cells (row-major indices) that an object word names: the objects of that shape (singular
-    or plural) or of that colour, or the glyph cells for "text"."""
-    if word not in OBJECT_WORDS:
-        raise ValueError(f"word must be one of {OBJECT_WORDS}, got {word!r}")
-    if word in PLURALS:
-        word = SHAPES[PLURALS.index(word)]
-    kinds = [describe_cell(c) for c in cells]
-    if word == "text":
-        return [k for k, d in enumerate(kinds) if d[0] == "glyph"]
-    return [k for k, d in enumerate(kinds) if d[0] == "object" and word in d[1:]]
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing and loading LLaVA-style JSONL
-
 
 class DataError(ValueError):
     """Bad input data; the message starts with "file:line:"."""
@@ -450,14 +388,12 @@ def load_jsonl(path: str | Path, image_size: int = 128) -> list[Sample]:
     samples = []
     for lineno, raw in enumerate(open(path, "rb"), 1):
         where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not UTF-8 text ({e.reason})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if rec is None:
+        if not raw.strip():
             continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{where}: malformed JSON or not UTF-8 ({e})") from None
         turns = rec.get("conversations") if isinstance(rec, dict) else None
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise DataError(f"{where}: expected an object whose 'conversations' is a list of "
@@ -477,18 +413,17 @@ def load_jsonl(path: str | Path, image_size: int = 128) -> list[Sample]:
         cells = rec.get("cells")
         if cells is not None and not (isinstance(cells, list) and len(cells) == IMAGE_TOKENS and all(
                 type(x) is int and (0 <= x < NUM_CELL_CLASSES or x == IGNORE_INDEX) for x in cells)):
-            raise DataError(f"{where}: 'cells' must be a list of {IMAGE_TOKENS} ints in [0, {NUM_CELL_CLASSES}) or -100")
+            raise DataError(f"{where}: 'cells' must be {IMAGE_TOKENS} ints in [0, {NUM_CELL_CLASSES}) or -100")
         try:
-            image = load_image(path.parent / rec["image"], image_size)
+            samples.append(Sample(load_image(path.parent / rec["image"], image_size), pairs,
+                                  str(rec.get("category", "custom")), cells, where))
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-        samples.append(Sample(image, pairs, str(rec.get("category", "custom")), cells, where))
     return samples
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
-
 
 SPECIALS = ("<pad>", "<s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
 WORDS = ("yes no is there a an the how many are what color shape object objects does text say "
@@ -497,71 +432,47 @@ _PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s")
 
 
 class Tokenizer:
-    """Word-level tokenizer over the benchmark's closed vocabulary, with a fallback for the rest.
-
-    Text is cut into pieces (a word, a digit or a punctuation mark, each with its leading space,
-    or one whitespace character). A piece in the vocabulary is one token; any other piece is
-    encoded character by character: a known character (a glyph, a digit, "?", " ", "\\n") is one
-    token, anything else its UTF-8 bytes (256 byte tokens). So every string encodes and
-    `decode(encode(s)) == s` always. Special tokens are only ever inserted by the chat template;
-    their spelling inside text is encoded as ordinary text.
-    """
+    """Word level over the benchmark's closed vocabulary, with a fallback, so that any text encodes and
+    decode(encode(s)) == s. Text is cut into pieces (a word, a digit or a punctuation mark with its
+    leading space, or one whitespace character); a known piece is one token, else each character is
+    (a known one, else its UTF-8 bytes: 256 byte tokens). Special tokens are only inserted by the
+    template; their spelling inside text is ordinary text."""
 
     def __init__(self):
-        words = list(WORDS) + list(SHAPES) + list(PLURALS) + list(COLOR_NAMES)
-        pieces = []
-        for w in words:
-            pieces += [w, " " + w, w.capitalize()]
-        for ch in "0123456789?.,:!'-()":
-            pieces += [ch, " " + ch]
-        pieces += list(GLYPHS) + [" ", "\n"]
-        pieces = list(dict.fromkeys(pieces))  # dedupe, keep order
+        words = [p for w in WORDS + list(SHAPES + PLURALS + COLOR_NAMES) for p in (w, " " + w, w.capitalize())]
+        pieces = list(dict.fromkeys(words + [p for ch in "0123456789?.,:!'-()" for p in (ch, " " + ch)]
+                                    + list(GLYPHS) + [" ", "\n"]))
         self.specials = list(SPECIALS)
         self.vocab = self.specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
         self.piece_to_id = {p: len(self.specials) + 256 + k for k, p in enumerate(pieces)}
         self.id_to_piece = {i: p for p, i in self.piece_to_id.items()}
-        sid = {s: k for k, s in enumerate(self.specials)}
-        self.pad_id, self.bos_id = sid["<pad>"], sid["<s>"]
-        self.im_start_id, self.im_end_id = sid["<|im_start|>"], sid["<|im_end|>"]
-        self.img_start_id, self.img_end_id = sid["<img>"], sid["</img>"]
-        self.img_context_id = sid["<IMG_CONTEXT>"]
-        self.eos_id = self.im_end_id  # generation stops here
+        (self.pad_id, self.bos_id, self.im_start_id, self.im_end_id, self.img_start_id, self.img_end_id,
+         self.img_context_id) = range(len(SPECIALS))
+        self.eos_id = self.im_end_id                   # generation stops here
 
     vocab_size = property(lambda self: len(self.vocab))
 
     def encode(self, text: str) -> list[int]:
         ids = []
         for piece in _PIECE.findall(text):
-            if piece in self.piece_to_id:
-                ids.append(self.piece_to_id[piece])
-                continue
-            for ch in piece:
-                if ch in self.piece_to_id:
-                    ids.append(self.piece_to_id[ch])
-                else:
-                    ids += [len(self.specials) + b for b in ch.encode("utf-8")]
+            for p in [piece] if piece in self.piece_to_id else piece:
+                ids += [self.piece_to_id[p]] if p in self.piece_to_id else [len(SPECIALS) + b for b in p.encode()]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        out, buf = [], bytearray()
-        first_byte = len(self.specials)
-        for i in ids:
-            i = int(i)
-            if first_byte <= i < first_byte + 256:
-                buf.append(i - first_byte)
+        out, buf, first = [], bytearray(), len(SPECIALS)
+        for i in map(int, list(ids) + [-1]):            # -1: flush the bytes at the end
+            if first <= i < first + 256:
+                buf.append(i - first)
                 continue
-            if buf:
-                out.append(buf.decode("utf-8", errors="replace"))
-                buf = bytearray()
-            if i < first_byte:
-                if not skip_special:
-                    out.append(self.specials[i])
-            elif i in self.id_to_piece:
-                out.append(self.id_to_piece[i])
-            else:
-                raise ValueError(f"token id {i} out of range (vocab_size {self.vocab_size})")
-        if buf:
             out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if 0 <= i < first and not skip_special:
+                out.append(SPECIALS[i])
+            elif i >= first + 256:
+                if i not in self.id_to_piece:
+                    raise ValueError(f"token id {i} out of range (vocab_size {self.vocab_size})")
+                out.append(self.id_to_piece[i])
         return "".join(out)
 
 
@@ -573,12 +484,11 @@ IMG_CONTEXT_ID = TOKENIZER.img_context_id
 # ----------------------------------------------------------------------------------------------
 # Chat template and batching
 
-
-def chat_ids(turns: Sequence, tok: Tokenizer = TOKENIZER, n_image_tokens: int = IMAGE_TOKENS,
-             last_answer: bool = True) -> tuple[list[int], list[bool]]:
+def chat_ids(turns: Sequence, n_image_tokens: int = IMAGE_TOKENS, last_answer: bool = True) -> tuple:
     """The template's token ids of (question, answer) turns, the image in the first, and a mask that
     is True on the answer tokens and their <|im_end|>. last_answer=False leaves the last answer
     out: the prompt that generation continues."""
+    tok = TOKENIZER
     ids, mask = [tok.bos_id], [False]
     for k, (question, answer) in enumerate(turns):
         user = ([tok.im_start_id] + tok.encode("user\n") + ([tok.img_start_id] + [tok.img_context_id] *
@@ -591,17 +501,17 @@ def chat_ids(turns: Sequence, tok: Tokenizer = TOKENIZER, n_image_tokens: int = 
     return ids, mask
 
 
-def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER, n_image_tokens: int = IMAGE_TOKENS) -> dict:
+def collate(samples: Sequence[Sample]) -> dict:
     """A batch for teacher forcing, right-padded with pad_id: input_ids (b, T) long, attention_mask
     (b, T) bool, answer_mask (b, T) bool (True on the answer tokens and their <|im_end|>), labels
     (b, T) long (input_ids on the answers, -100 elsewhere; NOT shifted: logits[:, t] predict
     labels[:, t + 1]), pixel_values (b, 3, S, S) float in [-1, 1], cells (b, 64) long (-100 where
     unknown), category (list of str)."""
-    encoded = [chat_ids(s.turns, tok, n_image_tokens) for s in samples]
+    encoded, pad = [chat_ids(s.turns) for s in samples], TOKENIZER.pad_id
     T, b = max(len(ids) for ids, _ in encoded), len(samples)
-    input_ids = torch.full((b, T), tok.pad_id, dtype=torch.long)
+    input_ids = torch.full((b, T), pad, dtype=torch.long)
     attention_mask, answer_mask = torch.zeros(b, T, dtype=torch.bool), torch.zeros(b, T, dtype=torch.bool)
-    cells = torch.full((b, n_image_tokens), IGNORE_INDEX, dtype=torch.long)
+    cells = torch.full((b, IMAGE_TOKENS), IGNORE_INDEX, dtype=torch.long)
     for k, ((ids, mask), s) in enumerate(zip(encoded, samples)):
         input_ids[k, :len(ids)], attention_mask[k, :len(ids)] = torch.tensor(ids), True
         answer_mask[k, :len(ids)] = torch.tensor(mask)
@@ -616,43 +526,31 @@ def collate(samples: Sequence[Sample], tok: Tokenizer = TOKENIZER, n_image_token
 # ----------------------------------------------------------------------------------------------
 # Scoring
 
-
 def normalize_answer(text: str) -> str:
     """Exact-match normalisation: lowercase, collapse whitespace, drop a trailing full stop."""
     return " ".join(text.lower().split()).rstrip(".").strip()
 
 
-GenerateFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
-
-
 @torch.no_grad()
-def score(generate: GenerateFn, samples: Sequence[Sample], tok: Tokenizer = TOKENIZER,
-          batch_size: int = 32, max_new_tokens: int | None = None,
-          n_image_tokens: int = IMAGE_TOKENS, progress: bool = False) -> dict:
-    """Greedy generation + exact match of the last turn's answer, accuracy per category.
-
-    `generate(input_ids (b, T) long, pixel_values (b, 3, S, S), max_new_tokens, eos_id)` returns
-    the new tokens (b, T_new); each row is cut at its first eos_id. Prompts are batched by equal
-    length, so no padding is ever passed to the model (the synthetic prompts take a handful of
-    lengths). max_new_tokens defaults to the longest reference answer plus one.
-    Returns {"accuracy": {category: acc}, "n": {category: count}, "mean": macro mean over
-    categories, "predictions": [str per sample]}."""
-    if max_new_tokens is None:
-        max_new_tokens = max((len(tok.encode(s.answer)) for s in samples), default=0) + 1
-    prompts = [chat_ids(s.turns, tok, n_image_tokens, last_answer=False)[0] for s in samples]
+def score(generate, samples: Sequence[Sample], batch_size: int = 32, max_new_tokens: int | None = None,
+          progress: bool = False) -> dict:
+    """Greedy generation and exact match of the last turn's answer; accuracy per category.
+    generate(input_ids (b, T), pixel_values (b, 3, S, S), max_new_tokens, eos_id) -> new tokens (b, T'),
+    each row cut at its first eos_id. Prompts are batched by equal length (no padding). Returns
+    {"accuracy": {category: acc}, "n": {category: count}, "mean": macro mean, "predictions": [str]}."""
+    tok = TOKENIZER
+    max_new_tokens = max_new_tokens or max((len(tok.encode(s.answer)) for s in samples), default=0) + 1
+    prompts = [chat_ids(s.turns, last_answer=False)[0] for s in samples]
     by_length = defaultdict(list)
     for k, p in enumerate(prompts):
         by_length[len(p)].append(k)
-    batches = [idx[i:i + batch_size] for idx in by_length.values()
-               for i in range(0, len(idx), batch_size)]
     predictions = [""] * len(samples)
-    for idx in tqdm(batches, desc="scoring", disable=not progress):
-        ids = torch.tensor([prompts[k] for k in idx], dtype=torch.long)
+    for idx in tqdm([ks[i:i + batch_size] for ks in by_length.values() for i in range(0, len(ks), batch_size)],
+                    desc="scoring", disable=not progress):
         pixels = pixel_values(torch.stack([samples[k].image for k in idx]))
-        new = generate(ids, pixels, max_new_tokens, tok.eos_id)
+        new = generate(torch.tensor([prompts[k] for k in idx]), pixels, max_new_tokens, tok.eos_id)
         for k, row in zip(idx, new.tolist()):
-            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-            predictions[k] = tok.decode(row, skip_special=True)
+            predictions[k] = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row, skip_special=True)
     hits, counts = Counter(), Counter()
     for s, p in zip(samples, predictions):
         counts[s.category] += 1
@@ -684,24 +582,18 @@ def format_table(results: dict, chance: dict[str, float] | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = argparse.ArgumentParser(description="Write (or preview) the synthetic multimodal benchmark "
-                                "as LLaVA-style JSONL with PNG images.")
-    p.add_argument("--out", help="output folder for data.jsonl and images/ (default: print a preview)")
+    p = argparse.ArgumentParser(description="Write (or preview) the benchmark as LLaVA-style JSONL and PNGs.")
+    p.add_argument("--out", help="folder for data.jsonl and images/ (default: print a preview)")
     p.add_argument("--n", type=int, default=1400, help="number of samples (categories round-robin)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--split", choices=("train", "test"), default="train",
-                   help="train and test draw from disjoint random streams, even with one seed")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="disjoint random streams")
     args = p.parse_args(argv)
-    if args.n < 1:
-        p.error("--n must be >= 1")
     if args.out:
-        print(f"wrote {args.n} samples to {write_dataset(args.out, args.n, args.seed, args.split)}")
+        print(f"wrote {args.n} samples to {write_dataset(args.out, max(1, args.n), args.seed, args.split)}")
         return
-    print(f"{IMAGE_TOKENS} image tokens per image, {NUM_CELL_CLASSES} cell classes, vocabulary {VOCAB_SIZE}")
-    for i in range(14):
-        s = sample_at(DataConfig(), args.split, args.seed, i)
+    for s in (sample_at(DataConfig(), args.split, args.seed, i) for i in range(14)):
         print(f"{s.category:<9} {s.question:<70} -> {s.answer}")
-    print("chance: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items()))
+    print(f"vocabulary {VOCAB_SIZE}; chance: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items()))
 
 
 if __name__ == "__main__":

@@ -21,13 +21,9 @@ warmup-stable-decay schedule. Stage 0 exists because HoVLE's weights cannot be d
 it trains the bundled teacher on the synthetic benchmark (data.py), with an auxiliary per-image-
 token classifier and grounding hints (grounding.py).
 
-Where this follows the official code (github.com/hustvl/mmMamba: src/trainer/distill_every_layer.py
-for stages 1-2, src/stage3.py and src/trainer/default_lm.py for stage 3) and where not:
-  - the KL is normalised per token (the official `batchmean` on (b, L, V) sums over tokens);
-  - checkpoints hold the whole model, optimiser and step (the official code saved only trainable
-    tensors, which lost the stage-2 A and dt values), so an interrupted stage resumes exactly;
-  - padding tokens are masked out of the layer loss; SSD chunk size 64 (official 128); lr and steps
-    tuned for the tiny teacher on a CPU (official: 1e-3 / 5e-4 / 5e-5 for stages 1 / 2 / 3).
+It follows the official code (github.com/hustvl/mmMamba: src/trainer/distill_every_layer.py for
+stages 1-2, src/stage3.py for stage 3) except where the README's "Where this follows the official
+code" says why not (per-token KL, whole-model checkpoints, padding masked, lr and steps).
 
 A run folder holds one folder per stage: stageK/ckpt.pt (resume with --resume), stageK/model/ (the
 student when the stage ends), stageK/log.jsonl, stageK/summary.json; `--stage all` adds fidelity.png.
@@ -414,7 +410,8 @@ def train(cfg: TrainConfig, student: Model, teacher: Model | None, samples: list
         losses.append(loss)
         if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr, "time": round(time.time() - t0, 3)}) + "\n")
+                f.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr, "time": round(time.time() - t0, 3)})
+                        + "\n")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 state = {"objective": objective.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
                 atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
@@ -427,10 +424,6 @@ def train(cfg: TrainConfig, student: Model, teacher: Model | None, samples: list
 
 # ----------------------------------------------------------------------------------------------
 # A stage with its report, and the command line
-
-def fmt_time(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
 
 def run_stage(cfg: TrainConfig, teacher: Model | None, student: Model | None = None, samples=None) -> dict:
     """Train one stage and report (rank 0): per-layer fidelity, accuracy beside the teacher's, one
@@ -448,7 +441,8 @@ def run_stage(cfg: TrainConfig, teacher: Model | None, student: Model | None = N
                "layers": student.cfg.layers, "config": asdict(cfg), "fidelity_before": before, "fidelity": fid()}
     if dist_setup()[0] != 0:
         return summary
-    line = f"stage {cfg.stage} done in {fmt_time(summary['seconds'])}: {cfg.steps} steps"
+    minutes, seconds = divmod(int(summary["seconds"]), 60)
+    line = f"stage {cfg.stage} done in {minutes}m{seconds:02d}s: {cfg.steps} steps"
     line += f", loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses else ""
     if layerwise:
         b, a = mse_before, mean_layer_mse(student, teacher, probe)
@@ -515,11 +509,13 @@ def evaluate_folder(cfg: TrainConfig) -> dict:
     """--eval: the accuracy table of any checkpoint folder on the synthetic test split or a JSONL;
     writes the predictions beside the references to runs/eval/<folder name>.json."""
     model = load_model(cfg.eval).float()
-    samples = data.load_jsonl(cfg.eval_data, model.cfg.image_size) if cfg.eval_data else test_samples(cfg.eval_per_category)
+    samples = (data.load_jsonl(cfg.eval_data, model.cfg.image_size) if cfg.eval_data
+               else test_samples(cfg.eval_per_category))
     result = evaluate(model, samples, progress=True)
     print(data.format_table({os.path.basename(os.path.normpath(cfg.eval)): result}))
     result["samples"] = [{"source": s.source, "category": s.category, "question": s.turns[-1][0],
-                          "answer": s.turns[-1][1], "prediction": p} for s, p in zip(samples, result.pop("predictions"))]
+                          "answer": s.turns[-1][1], "prediction": p}
+                         for s, p in zip(samples, result.pop("predictions"))]
     path = os.path.join("runs", "eval", os.path.basename(os.path.normpath(cfg.eval)) + ".json")
     write_json(path, result)
     print(f"predictions: {path}")

@@ -1,61 +1,67 @@
 """Stage-0 grounding hints: supervised attention that teaches the teacher where to look.
 
-Not part of the paper. mmMamba distils a *trained* VLM (HoVLE); this project must first train its
-own tiny teacher (stage 0 of distill.py), and with the answer tokens as the only signal a small
-decoder trained from scratch on a 2-core CPU does not learn to find the object a question names
-within the time budget (experiments/README.md). HoVLE learns grounding from a vision encoder and
-billions of tokens; here four attention heads are told, during stage 0 only, where to look. At
-inference the teacher is a plain all-attention model: nothing here runs outside training.
+Not part of the paper. mmMamba distils a *trained* VLM (HoVLE); this project first trains its own
+tiny teacher (stage 0 of distill.py), and with the answer tokens as the only signal a small decoder
+trained from scratch on a 2-core CPU does not learn, within the time budget, to find the object a
+question names (experiments/README.md). So during stage 0 four attention heads are told where to
+look; at inference the teacher is a plain all-attention model and nothing here runs.
 
-Each role is one attention head and a cross-entropy between its attention row at some query
-positions and a target distribution over keys (all in the token positions of data.collate):
+Each role is one head and a cross-entropy between its attention row at some query positions and a
+target distribution over keys (token positions of data.collate):
 
-    look    layer 2, head 0       from each object word of the question ("circle", "squares", "red",
-                                  "text": data.OBJECT_WORDS) to the cells it names
-                                  (data.word_cells) and <s>, evenly: <s> is a sink whose share
-                                  1/(n+1) says how many cells matched (all of it when none did)
-    gather  layer 4, heads 0, 3   from each position that predicts an answer token to the first /
-                                  the last object word of the question (what the look head found
-                                  there is then one hop away)
-    read    layer 5, head 0       text questions: from the position that predicts the k-th glyph of
-                                  the answer to the k-th glyph cell (row-major order)
+    look          layer 2, head 0     from each object word of the question (OBJECT_WORDS) to
+                                      the cells it names (data.word_cells) and <s>, evenly: <s> is a
+                                      sink whose share 1/(n+1) says how many cells matched
+    gather_first  layer 4, head 0     from each position that predicts an answer token to the first
+    gather_last   layer 4, head 3     / the last object word (what look found is one hop away)
+    read          layer 5, head 0     text questions: from the position that predicts the k-th glyph
+                                      of the answer to the k-th glyph cell (row-major order)
 
-Attention in the right place is not enough: the heads' values must also carry what they found,
-and with the answer token as the only signal that was still slow (600 CPU steps with all four
-heads on target: answers at chance). So two linear probes (`Probes`, trained with the model and
-dropped after stage 0, like the auxiliary cell head) read the residual stream and classify what the
-named cells hold (`ATTRIBUTES`: how many, and for a single object its colour, shape, row, column):
-
-    look probe    after the look layer, at each object word: its own cells
-    answer probe  after the gather layer, at each position that predicts an answer token: the first
-                  and the last object word's cells
-    read probe    after the read layer, where the read head has a target: the glyph it reads
+Attention in the right place was not enough (600 CPU steps with all four heads on target: answers
+at chance), so three linear `Probes`, trained with the model and dropped after stage 0, read the
+residual stream and classify what the named cells hold (`ATTRIBUTES`): the look probe after the
+look layer at each object word (its cells), the answer probe after the gather layer at each answer
+position (the first and the last object word's cells), the read probe after the read layer where
+the read head has a target (the glyph it reads).
 
 The loss of one sample is the sum over roles and probes of the mean over their query positions, so
-every sample weighs the same whatever its length; a role with no query position in a sample (no
-object word, unknown cells, not a text question) adds nothing.
-
-Run (prints the attention mass each role puts on its targets, per category):
-    python grounding.py checkpoints/teacher
+every sample weighs the same whatever its length; a role without query positions in a sample (no
+object word, unknown cells, not a text question) adds nothing. experiments/grounding_probe.py
+prints the attention mass each role puts on its targets.
 """
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from convert import load_model
 from model import Attention, Model, ModelConfig
 
-# token id -> object word; every object word is one token (with its leading space)
-WORD_OF_ID = {data.TOKENIZER.encode(" " + w)[0]: w for w in data.OBJECT_WORDS}
-assert all(len(data.TOKENIZER.encode(" " + w)) == 1 for w in data.OBJECT_WORDS)
+# The words by which a question names objects: one attribute each ("circle", "squares", "red"
+# as in "the red object"), or "text" for the glyphs. The look head learns to look, from each such
+# word, at the cells it names.
+OBJECT_WORDS = data.SHAPES + data.PLURALS + data.COLOR_NAMES + ("text",)
 
+
+def word_cells(word: str, cells: list) -> list[int]:
+    """The cells (row-major indices) that an object word names: the objects of that shape (singular
+    or plural) or of that colour, or the glyph cells for "text"."""
+    if word not in OBJECT_WORDS:
+        raise ValueError(f"word must be one of {OBJECT_WORDS}, got {word!r}")
+    if word in data.PLURALS:
+        word = data.SHAPES[data.PLURALS.index(word)]
+    kinds = [data.describe_cell(c) for c in cells]
+    if word == "text":
+        return [k for k, d in enumerate(kinds) if d[0] == "glyph"]
+    return [k for k, d in enumerate(kinds) if d[0] == "object" and word in d[1:]]
+
+
+WORD_OF_ID = {data.TOKENIZER.encode(" " + w)[0]: w for w in OBJECT_WORDS}   # each is one token, with its space
+assert all(len(data.TOKENIZER.encode(" " + w)) == 1 for w in OBJECT_WORDS)
 
 # what the probes classify about a set of named cells: (name, classes); -100 where undefined
 ATTRIBUTES = (("count", 6), ("color", len(data.COLORS)), ("shape", len(data.SHAPES)), ("row", 16), ("col", 16))
@@ -74,10 +80,11 @@ def attributes(named: list, cells: list, grid: int) -> list:
 
 @dataclass
 class GroundingConfig:
-    look: tuple[int, int] = (2, 0)          # (layer, head): object word -> the cells it names (+ <s>)
-    gather_first: tuple[int, int] = (4, 0)  # (layer, head): answer position -> first object word
-    gather_last: tuple[int, int] = (4, 3)   # (layer, head): answer position -> last object word
-    read: tuple[int, int] = (5, 0)          # (layer, head): k-th glyph's answer position -> k-th glyph cell
+    """The (layer, head) of each role."""
+    look: tuple[int, int] = (2, 0)
+    gather_first: tuple[int, int] = (4, 0)
+    gather_last: tuple[int, int] = (4, 3)
+    read: tuple[int, int] = (5, 0)
 
     def __post_init__(self):
         for name, lh in self.roles().items():
@@ -85,8 +92,7 @@ class GroundingConfig:
                 raise ValueError(f"{name} must be a (layer, head) pair of ints >= 0, got {lh}")
 
     def roles(self) -> dict:
-        return {"look": self.look, "gather_first": self.gather_first, "gather_last": self.gather_last,
-                "read": self.read}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def check(self, cfg: ModelConfig) -> None:
         """Every role must name a head of an attention layer of the model."""
@@ -97,73 +103,69 @@ class GroundingConfig:
 
 
 def targets(batch: dict) -> tuple[dict, dict]:
-    """(roles, probes). roles: per role, (target (b, T, T) float, queries (b, T) bool); row t of a
-    target is the distribution over keys that query position t should attend to (rows outside
-    `queries` are 0). probes: {"look": (labels (b, T, 5), queries), "answer": (labels (b, T, 10), queries),
-    "read": (labels (b, T, 1), queries)}: the ATTRIBUTES of the named cells (first then last object
-    word for "answer"), the index in data.GLYPHS of the glyph read."""
+    """(roles, probes), each {name: (target, queries (b, T) bool)}. A role's target is (b, T, T):
+    row t is the distribution over keys that query position t should attend to (0 outside
+    `queries`). A probe's target is its labels: look (b, T, 5) and answer (b, T, 10) the ATTRIBUTES
+    of the named cells (first then last object word for answer), read (b, T, 1) the index in
+    data.GLYPHS of the glyph read."""
     ids, labels, cells = batch["input_ids"], batch["labels"], batch["cells"]  # (b, T), (b, T), (b, n)
-    b, T = ids.shape
-    out = {r: (torch.zeros(b, T, T), torch.zeros(b, T, dtype=torch.bool))
-           for r in ("look", "gather_first", "gather_last", "read")}
-    n_attr = len(ATTRIBUTES)
-    probe = {"look": (torch.full((b, T, n_attr), data.IGNORE_INDEX), torch.zeros(b, T, dtype=torch.bool)),
-             "answer": (torch.full((b, T, 2 * n_attr), data.IGNORE_INDEX), torch.zeros(b, T, dtype=torch.bool)),
-             "read": (torch.full((b, T, 1), data.IGNORE_INDEX), torch.zeros(b, T, dtype=torch.bool))}
-    grid = round(cells.shape[1] ** 0.5)
+    (b, T), grid, tok = ids.shape, round(cells.shape[1] ** 0.5), data.TOKENIZER
+    roles = {r: (torch.zeros(b, T, T), torch.zeros(b, T, dtype=torch.bool)) for r in GroundingConfig().roles()}
+    probes = {p: (torch.full((b, T, n), data.IGNORE_INDEX), torch.zeros(b, T, dtype=torch.bool))
+              for p, n in (("look", len(ATTRIBUTES)), ("answer", 2 * len(ATTRIBUTES)), ("read", 1))}
 
-    def put(role, k, q, keys):
-        out[role][0][k, q, keys] = 1.0 / len(keys)
-        out[role][1][k, q] = True
+    def put(role, k, t, keys):
+        roles[role][0][k, t, keys] = 1.0 / len(keys)
+        roles[role][1][k, t] = True
 
-    tok = data.TOKENIZER
+    def label(probe, k, t, values):
+        probes[probe][0][k, t] = torch.tensor(values)
+        probes[probe][1][k, t] = True
+
     for k in range(b):
-        row = ids[k].tolist()
+        row, row_cells = ids[k].tolist(), cells[k].tolist()
         if tok.img_end_id not in row:
             continue
-        q0 = row.index(tok.img_end_id)                                  # the question follows </img>
-        q1 = row.index(tok.im_end_id, q0)                               # ... up to its <|im_end|>
-        words = [(t, WORD_OF_ID[row[t]]) for t in range(q0, q1) if row[t] in WORD_OF_ID]
+        q0 = row.index(tok.img_end_id)                                  # the question: </img> .. <|im_end|>
+        words = [(t, WORD_OF_ID[row[t]]) for t in range(q0, row.index(tok.im_end_id, q0)) if row[t] in WORD_OF_ID]
         answer = (labels[k] != data.IGNORE_INDEX).nonzero().flatten().tolist()  # answer tokens + <|im_end|>
         image = [t for t, i in enumerate(row) if i == tok.img_context_id]       # row-major cells
-        known = bool((cells[k] != data.IGNORE_INDEX).all()) and len(image) == cells.shape[1]
-        if known:
-            row_cells = cells[k].tolist()
-            named = [data.word_cells(w, row_cells) for _, w in words]
-            for (t, w), cs in zip(words, named):
-                put("look", k, t, [0] + [image[c] for c in cs])
-                probe["look"][0][k, t] = torch.tensor(attributes(cs, row_cells, grid))
-                probe["look"][1][k, t] = True
-        if words:
-            for t in answer:                                            # logits[t - 1] predicts token t
-                put("gather_first", k, t - 1, [words[0][0]])
-                put("gather_last", k, t - 1, [words[-1][0]])
-                if known:
-                    probe["answer"][0][k, t - 1] = torch.tensor(attributes(named[0], row_cells, grid)
-                                                                + attributes(named[-1], row_cells, grid))
-                    probe["answer"][1][k, t - 1] = True
+        known = data.IGNORE_INDEX not in row_cells and len(image) == len(row_cells)
+        named = [word_cells(w, row_cells) for _, w in words] if known else []
+        for (t, _), cs in zip(words, named):
+            put("look", k, t, [0] + [image[c] for c in cs])
+            label("look", k, t, attributes(cs, row_cells, grid))
+        for t in answer if words else ():                               # logits[t - 1] predicts token t
+            put("gather_first", k, t - 1, [words[0][0]])
+            put("gather_last", k, t - 1, [words[-1][0]])
+            if known:
+                label("answer", k, t - 1, attributes(named[0], row_cells, grid)
+                      + attributes(named[-1], row_cells, grid))
         if known and [w for _, w in words] == ["text"]:
-            glyphs = data.word_cells("text", cells[k].tolist())
-            said = tok.decode([row[t] for t in answer[:-1]])
-            chars = "".join(data.describe_cell(cells[k, c].item())[1] for c in glyphs)
-            if said == chars and len(answer) - 1 == len(glyphs):        # one token per glyph
-                for t, c in zip(answer, glyphs):
+            chars = [data.describe_cell(row_cells[c])[1] for c in named[0]]
+            if tok.decode([row[t] for t in answer[:-1]]) == "".join(chars) and len(answer) - 1 == len(chars):
+                for t, c, ch in zip(answer, named[0], chars):           # one token per glyph
                     put("read", k, t - 1, [image[c]])
-                    probe["read"][0][k, t - 1, 0] = data.GLYPHS.index(data.describe_cell(cells[k, c].item())[1])
-                    probe["read"][1][k, t - 1] = True
-    return out, probe
+                    label("read", k, t - 1, [data.GLYPHS.index(ch)])
+    return roles, probes
 
 
 def role_probs(model: Model, hidden: list, layer: int, head: int) -> torch.Tensor:
     """Attention map softmax(q_h k^T / sqrt(P)) of query head `head` of layer `layer`, with the
     causal mask, (b, T, T), from the residual stream entering the layer (row t: how token t spreads
-    its attention over tokens 0..t)."""
+    its attention over tokens 0..t); float32, or float64 for a float64 model."""
     attn: Attention = model.layers[layer].mixer
-    q, k, _ = attn.qkv(model.layers[layer].attention_norm(hidden[layer]))           # (b, H, T, P), (b, Hkv, T, P)
+    q, k, _ = attn.qkv(model.layers[layer].attention_norm(hidden[layer]))   # (b, H, T, P), (b, Hkv, T, P)
     scores = q[:, head] @ k[:, head // attn.cfg.heads_per_kv].transpose(-1, -2) / math.sqrt(q.shape[-1])
     T = scores.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
-    return scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32).masked_fill(~causal, float("-inf")).softmax(-1)
+    scores = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def _per_sample_mean(ce: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of the mean of ce (b, T) over the sample's queries (b, T) bool."""
+    return ((ce * queries).sum(1) / queries.sum(1).clamp_min(1)).sum()
 
 
 class Probes(nn.Module):
@@ -172,84 +174,37 @@ class Probes(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        n = sum(c for _, c in ATTRIBUTES)
-        self.look = nn.Linear(hidden_size, n)
-        self.answer = nn.Linear(hidden_size, 2 * n)
-        self.read = nn.Linear(hidden_size, len(data.GLYPHS))
+        sizes = [n for _, n in ATTRIBUTES]
+        self.sizes = {"look": sizes, "answer": 2 * sizes, "read": [len(data.GLYPHS)]}
+        self.look, self.answer, self.read = (nn.Linear(hidden_size, sum(s)) for s in self.sizes.values())
 
     def loss(self, name: str, h: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Sum over samples of the mean over queries of the summed CE over attributes.
-        h (b, T, D), labels (b, T, n_attr), queries (b, T) bool."""
+        """Sum over samples of the mean over queries of the summed CE over the labels.
+        h (b, T, D), labels (b, T, n_labels), queries (b, T) bool."""
         logits = getattr(self, name)(F.rms_norm(h.float(), (h.shape[-1],)))  # (b, T, sum of classes)
-        labels, queries = labels.to(h.device), queries.to(h.device)
-        sizes = [len(data.GLYPHS)] if name == "read" else [n for _, n in ATTRIBUTES] * (labels.shape[-1] // len(ATTRIBUTES))
-        ce = 0.0
-        for k, part in enumerate(logits.split(sizes, dim=-1)):               # one attribute: (b, T, classes)
-            ce = ce + F.cross_entropy(part.transpose(1, 2), labels[..., k], ignore_index=data.IGNORE_INDEX,
-                                      reduction="none")                       # (b, T)
-        return ((ce * queries).sum(1) / queries.sum(1).clamp_min(1)).sum()
+        labels = labels.to(h.device)
+        ce = sum(F.cross_entropy(part.transpose(1, 2), labels[..., k], ignore_index=data.IGNORE_INDEX,
+                                 reduction="none")                    # one label: (b, T)
+                 for k, part in enumerate(logits.split(self.sizes[name], dim=-1)))
+        return _per_sample_mean(ce, queries.to(h.device))
 
 
 def grounding_loss(model: Model, hidden: list, batch: dict, cfg: GroundingConfig,
                    probes: Probes | None = None) -> torch.Tensor:
     """Sum over samples and roles of the mean over the role's query positions of
     CE(target row, attention row) = -sum_keys target * log p; plus, with `probes`, their loss on
-    the residual after the look layer and after the gather layer. `hidden` from
+    the residual after the look, the gather and the read layer. `hidden` from
     model(..., return_hidden=True)."""
     total = hidden[0].new_zeros(())
-    found, probe = targets(batch)
+    roles, labels = targets(batch)
     if probes is not None:
-        for name, layer in (("look", cfg.look[0]), ("answer", max(cfg.gather_first[0], cfg.gather_last[0])),
-                            ("read", cfg.read[0])):
-            labels, queries = probe[name]
+        after = {"look": cfg.look[0], "answer": max(cfg.gather_first[0], cfg.gather_last[0]), "read": cfg.read[0]}
+        for name, (y, queries) in labels.items():
             if queries.any():
-                total = total + probes.loss(name, hidden[layer + 1], labels, queries)
-    for role, (target, queries) in found.items():
-        if not queries.any():
-            continue
-        layer, head = cfg.roles()[role]
-        p = role_probs(model, hidden, layer, head)                          # (b, T, T)
-        target = target.to(p.device, p.dtype)
-        ce = -(target * p.clamp_min(1e-9).log()).sum(-1)                   # (b, T) per query
-        queries = queries.to(p.device)
-        n = queries.sum(1)                                                 # (b,)
-        total = total + ((ce * queries).sum(1) / n.clamp_min(1)).sum()
+                total = total + probes.loss(name, hidden[after[name] + 1], y, queries)
+    for role, (target, queries) in roles.items():
+        if queries.any():
+            p = role_probs(model, hidden, *cfg.roles()[role])               # (b, T, T)
+            ce = -(target.to(p.device, p.dtype) * p.clamp_min(1e-9).log()).sum(-1)  # (b, T) per query
+            total = total + _per_sample_mean(ce, queries.to(p.device))
     return total
-
-
-@torch.no_grad()
-def attention_on_target(model: Model, batch: dict, cfg: GroundingConfig) -> dict:
-    """{role: {category: mean attention mass on the role's target keys}}, a progress measure:
-    look's best is n/(n+1) on the cells plus 1/(n+1) on <s>, i.e. 1 in total."""
-    _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
-    result = {}
-    found, _ = targets(batch)
-    for role, (target, queries) in found.items():
-        layer, head = cfg.roles()[role]
-        p = role_probs(model, hidden, layer, head).float()
-        mass = (p * (target > 0)).sum(-1)                                  # (b, T)
-        per = {}
-        for k, cat in enumerate(batch["category"]):
-            if queries[k].any():
-                per.setdefault(cat, []).append(mass[k][queries[k]].mean().item())
-        result[role] = {c: sum(v) / len(v) for c, v in per.items()}
-    return result
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Attention mass of each grounding role on its targets, per category")
-    p.add_argument("checkpoint", help="a model folder (config.json + model.safetensors)")
-    p.add_argument("--n", type=int, default=140, help="test questions (round-robin over the categories)")
-    p.add_argument("--seed", type=int, default=0, help="test split seed")
-    args = p.parse_args(argv)
-    model = load_model(args.checkpoint).float().eval()
-    samples = [data.sample_at(data.DataConfig(), "test", args.seed, i) for i in range(args.n)]
-    result = attention_on_target(model, data.collate(samples), GroundingConfig())
-    cats = list(data.CATEGORIES)
-    print(f"{'role':<14}" + "".join(f"{c:>9}" for c in cats))
-    for role, per in result.items():
-        print(f"{role:<14}" + "".join(f"{per[c]:9.2f}" if c in per else f"{'-':>9}" for c in cats))
-
-
-if __name__ == "__main__":
-    main()

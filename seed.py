@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from convert import load_model
 from model import Attention, Mamba2Mixer, Model, ModelConfig
 
 MODES = ("scratch", "inherit", "inherit+mimic")
@@ -109,7 +110,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=14, help="test questions to measure on")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    teacher = Model.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    teacher = load_model(args.checkpoint).float().eval()
     batch = data.collate([data.sample_at(data.DataConfig(), "test", 0, i) for i in range(args.n)])
     layers = ["mamba2"] * teacher.cfg.n_layers
     results = {m: mixer_fidelity(teacher, seed_student(teacher, layers, m, torch.Generator().manual_seed(args.seed)),

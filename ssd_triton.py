@@ -70,6 +70,16 @@ def _chunk_decay(dt_ptr, A_ptr, bi, hi, k, L, s_b, s_l, s_h, Q: tl.constexpr):
 
 
 @triton.jit
+def _program(dt_ptr, A_ptr, H, L, sdt_b, sdt_l, sdt_h, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A per-chunk program's (batch bi, head hi, chunk k) from its grid (b*H, c, P tiles), as int64 (offsets
+    pass 2^31 at long L), its chunk's tokens, dt and decays (_chunk_decay), and its P and N offsets."""
+    bh, k, pp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bi, hi = bh // H, bh % H
+    t, mask_t, dt, cs, cs_last = _chunk_decay(dt_ptr, A_ptr, bi, hi, k, L, sdt_b, sdt_l, sdt_h, Q)
+    return bi, hi, k, t, mask_t, dt, cs, cs_last, pp * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _tile(ptr, bi, t, mask_t, head, offs, n, s_b, s_l, s_h, s_e):
     """ptr[bi, t, head, offs] as a float32 (Q, BLOCK) tile, zero past L and past n."""
     return tl.load(ptr + bi * s_b + t[:, None] * s_l + head * s_h + offs[None, :] * s_e,
@@ -89,11 +99,8 @@ def _chunk_states_kernel(u_ptr, v_ptr, dt_ptr, A_ptr, out_ptr, cs_last_ptr, L, H
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Step 2 (u = x, v = B): S_k = sum_j exp(cs_last - cs_j) dt_j u_j v_j^T. TRANSPOSE, the adjoint of
     step 4 (u = dy, v = C): dH_loc_k = sum_i exp(cs_i) u_i v_i^T. Also writes cs_last (b, c, H)."""
-    bh, k, pp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bi, hi = bh // H, bh % H
-    t, mask_t, dt, cs, cs_last = _chunk_decay(dt_ptr, A_ptr, bi, hi, k, L, sdt_b, sdt_l, sdt_h, Q)
-    offs_p = pp * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    bi, hi, k, t, mask_t, dt, cs, cs_last, offs_p, offs_n = _program(dt_ptr, A_ptr, H, L, sdt_b, sdt_l, sdt_h, Q,
+                                                                      BLOCK_P, BLOCK_N)
     if TRANSPOSE:
         w = tl.exp(cs)                                                            # (Q,)
     else:
@@ -103,7 +110,7 @@ def _chunk_states_kernel(u_ptr, v_ptr, dt_ptr, A_ptr, out_ptr, cs_last_ptr, L, H
     S = _dot(tl.trans(u * w[:, None]), v, IEEE)                                   # (BLOCK_P, BLOCK_N)
     ptrs, mask = _state(out_ptr + ((bi * n_chunks + k) * H + hi) * P * N, offs_p, offs_n, P, N)
     tl.store(ptrs, S, mask=mask)
-    tl.store(cs_last_ptr + (bi * n_chunks + k) * H + hi, cs_last, mask=pp == 0)
+    tl.store(cs_last_ptr + (bi * n_chunks + k) * H + hi, cs_last, mask=tl.program_id(2) == 0)   # once per chunk
 
 
 @triton.jit
@@ -139,12 +146,9 @@ def _chunk_outputs_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, Hin_ptr, y_
                           IEEE: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Steps 1 + 4 (+ D skip) for chunk k: y_i = sum_{j<=i} (C_i.B_j) exp(cs_i - cs_j) dt_j x_j
     + exp(cs_i) H_k C_i + D x_i, with H_k (b, c, H, P, N) contiguous float32, the state entering chunk k."""
-    bh, k, pp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bi, hi = bh // H, bh % H
-    t, mask_t, dt, cs, cs_last = _chunk_decay(dt_ptr, A_ptr, bi, hi, k, L, sdt_b, sdt_l, sdt_h, Q)
+    bi, hi, k, t, mask_t, dt, cs, cs_last, offs_p, offs_n = _program(dt_ptr, A_ptr, H, L, sdt_b, sdt_l, sdt_h, Q,
+                                                                      BLOCK_P, BLOCK_N)
     offs_q = tl.arange(0, Q)
-    offs_p = pp * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     x = _tile(x_ptr, bi, t, mask_t, hi // Rx, offs_p, P, sx_b, sx_l, sx_h, sx_p)    # (Q, BLOCK_P)
     Bc = _tile(B_ptr, bi, t, mask_t, hi // RB, offs_n, N, sB_b, sB_l, sB_g, sB_n)  # (Q, BLOCK_N)
     Cc = _tile(C_ptr, bi, t, mask_t, hi // RC, offs_n, N, sC_b, sC_l, sC_g, sC_n)  # (Q, BLOCK_N)
@@ -170,12 +174,9 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, Hin_ptr, G_ptr,
     """The adjoint of steps 1, 2 and 4 for chunk k and one P tile, given dy, H_k (state entering) and
     G_k (gradient of the state leaving). Writes dx per head (b, L, H, P) and, summed over this P tile
     only, dB, dC (nP, b, L, H, N), d(dt) (nP, b, L, H), dA and dD (nP, b, c, H)."""
-    bh, k, pp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bi, hi = bh // H, bh % H
-    t, mask_t, dt, cs, cs_last = _chunk_decay(dt_ptr, A_ptr, bi, hi, k, L, sdt_b, sdt_l, sdt_h, Q)
+    bi, hi, k, t, mask_t, dt, cs, cs_last, offs_p, offs_n = _program(dt_ptr, A_ptr, H, L, sdt_b, sdt_l, sdt_h, Q,
+                                                                      BLOCK_P, BLOCK_N)
     offs_q = tl.arange(0, Q)
-    offs_p = pp * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     x = _tile(x_ptr, bi, t, mask_t, hi // Rx, offs_p, P, sx_b, sx_l, sx_h, sx_p)    # (Q, BLOCK_P)
     dy = _tile(dy_ptr, bi, t, mask_t, hi, offs_p, P, sy_b, sy_l, sy_h, sy_p)       # (Q, BLOCK_P)
     Bc = _tile(B_ptr, bi, t, mask_t, hi // RB, offs_n, N, sB_b, sB_l, sB_g, sB_n)  # (Q, BLOCK_N)
@@ -217,6 +218,7 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, Hin_ptr, G_ptr,
     # cs = cumsum(a), a = dt A: d(a_t) = sum_{i >= t} d(cs_i)
     da = tl.cumsum(dcs, axis=0, reverse=True)                                     # (Q,)
     ddt += da * tl.load(A_ptr + hi).to(tl.float32)
+    pp = tl.program_id(2).to(tl.int64)
     part = (pp * nb + bi) * n_chunks + k                                          # (P tile, batch, chunk)
     tl.store(dA_ptr + part * H + hi, tl.sum(da * dt, axis=0))
     if HAS_D:

@@ -58,7 +58,8 @@ def git_commit() -> str:
     """The repository's short commit, with "+dirty" for uncommitted changes to tracked files."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,
+                                        timeout=10).stdout.strip()
         sha = run("rev-parse", "--short", "HEAD")
         return (sha + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):

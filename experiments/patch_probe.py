@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import distill  # noqa: E402
+from convert import load_model  # noqa: E402
 from model import Model  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     args = p.parse_args()
 
     teacher = distill.load_teacher(args.teacher)
-    student = Model.from_pretrained(args.student).float()
+    student = load_model(args.student).float()
     tests = distill.test_samples(args.per_category)
     base = distill.evaluate(teacher, tests)["accuracy"]
     cats = list(base)

@@ -77,7 +77,10 @@ def test_smoke_run_writes_schema_plots_and_summary(tmp_path, capsys):
     for name in data["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "table.txt").read_text()
-    assert "check linear_decode_ms" in table and "paper tok/s" in table and "one-pass | segment-wise" in table
+    assert "issue 18 check" in table and "paper tok/s" in table and "one-pass | segment-wise" in table
+    row = next(ln for ln in table.splitlines() if ln.startswith("linear_decode_ms "))
+    ch = model["checks"]["linear_decode_ms"]
+    assert f"{ch['value']:.3g}" in row and "<= 3 ms" in row and ("PASS" if ch["pass"] else "FAIL") in row
 
 
 def _config(**kw):
@@ -128,6 +131,7 @@ def test_resolve_presets_flags_and_command_line(capsys):
     long = bench.resolve(bench.parse_config(bench.BenchConfig, ["--long", "--timeout-s", "7200"]))
     assert (long.lengths, long.parts, long.budget_s, long.timeout_s) == ([103000], ["model"], 0.0, 7200.0)
     assert long.out == os.path.join("bench_results", "tiny_cpu_long")
+    assert bench.resolve(bench.BenchConfig(smoke=True)).out == os.path.join("bench_results", "tiny_cpu_smoke")
     gpu = bench.parse_config(bench.BenchConfig, ["--preset", "hovle", "--device", "cpu", "--batch", "1", "8",
                                                  "--parts", "kernel", "--no-backward"])
     gpu = bench.resolve(gpu)

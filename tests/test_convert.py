@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import convert
 from checkpoints import write_tiny_hovle, write_tiny_internlm2, write_tiny_llama
-from model import CheckpointError, Model
+from convert import CheckpointError
+from model import Model
 from utils import InputError
 
 F64 = torch.float64
@@ -260,7 +261,6 @@ def test_saved_import_loads_back(hovle_dir, tmp_path):
     assert back.cfg == model.cfg
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
-    assert Model.from_pretrained(out).cfg == model.cfg
 
 
 def test_distill_load_teacher_accepts_hovle(hovle_dir):

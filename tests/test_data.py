@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import grounding
 from data import (CATEGORIES, COLOR_NAMES, GENERATORS, IMAGE_TOKENS, NUM_CELL_CLASSES, PLURALS,
                   SHAPES, TOKENIZER, DataConfig, DataError, Sample, chat_ids, collate, describe_cell,
                   draw_scene, image_to_tensor, load_jsonl, sample_at, sample_rng, score)
@@ -312,8 +313,8 @@ def test_splits_and_seeds_differ():
 def test_word_cells_are_the_cells_the_answer_depends_on():
     """word_cells (the look target of stage 0's grounding hints) checked against each answer."""
     for cat, cells, q, a in draw_questions(700, seed=2):
-        named = [w for w in re.findall(r"[a-z]+", q.lower()) if w in data.OBJECT_WORDS]
-        found = [data.word_cells(w, cells) for w in named]
+        named = [w for w in re.findall(r"[a-z]+", q.lower()) if w in grounding.OBJECT_WORDS]
+        found = [grounding.word_cells(w, cells) for w in named]
         kinds = [[describe_cell(cells[k]) for k in f] for f in found]
         assert all(f == sorted(set(f)) for f in found)
         if cat == "exist":
@@ -331,4 +332,4 @@ def test_word_cells_are_the_cells_the_answer_depends_on():
         else:  # reason: "more X than Y" is yes exactly when X names more cells
             assert len(named) == 2 and (len(found[0]) > len(found[1])) == (a == "yes")
     with pytest.raises(ValueError, match="word must be one of"):
-        data.word_cells("object", cells)
+        grounding.word_cells("object", cells)

@@ -1,5 +1,7 @@
 """Tests of grounding.py: the stage-0 grounding loss against its definition written out by hand."""
 import dataclasses
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -7,10 +9,11 @@ import torch
 import data
 import distill
 import grounding
-from grounding import GroundingConfig, attention_on_target, grounding_loss
+from grounding import GroundingConfig, grounding_loss
 from model import Model, ModelConfig
 
 TOK = data.TOKENIZER
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROLES = GroundingConfig(look=(0, 1), gather_first=(1, 0), gather_last=(1, 3), read=(0, 2))
 
 
@@ -48,7 +51,8 @@ def head_map(model, hidden, layer, head, k, n):
     q = (u @ block.mixer.wq.weight.double().T).view(n, cfg.n_heads, P)[:, head]
     key = (u @ block.mixer.wk.weight.double().T).view(n, cfg.n_kv_heads, P)[:, head // cfg.heads_per_kv]
     ang = torch.arange(n, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, P, 2, dtype=torch.float64) / P)
-    rot = lambda x: torch.view_as_real(torch.complex(x[:, :P // 2], x[:, P // 2:]) * torch.exp(1j * ang)).transpose(1, 2).reshape(n, P)
+    rot = lambda x: (torch.view_as_real(torch.complex(x[:, :P // 2], x[:, P // 2:]) * torch.exp(1j * ang))
+                     .transpose(1, 2).reshape(n, P))
     scores = rot(q) @ rot(key).T / P ** 0.5
     return scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
 
@@ -73,7 +77,7 @@ def hand_loss(model, hidden, k, s, roles, probes):
     assert TOK.decode(prompt[-(len(q) + 4):]) == s.question + "<|im_end|><|im_start|>assistant\n"
     q0 = len(prompt) - len(q) - 4                                     # the question's first token
     words = [(q0 + j, TOK.decode([i]).strip()) for j, i in enumerate(q)
-             if TOK.decode([i]).strip() in data.OBJECT_WORDS]
+             if TOK.decode([i]).strip() in grounding.OBJECT_WORDS]
     image = [t for t, i in enumerate(prompt) if i == data.IMG_CONTEXT_ID]
     answer_from = range(len(prompt) - 1, len(ids) - 1)               # positions predicting answer + <|im_end|>
 
@@ -85,22 +89,22 @@ def hand_loss(model, hidden, k, s, roles, probes):
         look = p("look")
         per_word = []
         for t, w in words:
-            keys = [0] + [image[c] for c in data.word_cells(w, s.cells)]
+            keys = [0] + [image[c] for c in grounding.word_cells(w, s.cells)]
             per_word.append(-sum(look[t, key].log() for key in keys) / len(keys))
         total = total + sum(per_word) / len(per_word)
         after_look = hidden[roles.look[0] + 1][k]
-        total = total + sum(probe_ce(probes.look, after_look[t], hand_attributes(s.cells, data.word_cells(w, s.cells)))
+        total = total + sum(probe_ce(probes.look, after_look[t], hand_attributes(s.cells, grounding.word_cells(w, s.cells)))
                             for t, w in words) / len(words)
         after_gather = hidden[roles.gather_first[0] + 1][k]
-        both = (hand_attributes(s.cells, data.word_cells(words[0][1], s.cells))
-                + hand_attributes(s.cells, data.word_cells(words[-1][1], s.cells)))
+        both = (hand_attributes(s.cells, grounding.word_cells(words[0][1], s.cells))
+                + hand_attributes(s.cells, grounding.word_cells(words[-1][1], s.cells)))
         total = total + sum(probe_ce(probes.answer, after_gather[t], both) for t in answer_from) / len(answer_from)
     if words:
         for role, (t_word, _) in (("gather_first", words[0]), ("gather_last", words[-1])):
             rows = p(role)
             total = total - sum(rows[t, t_word].log() for t in answer_from) / len(answer_from)
     if s.cells is not None and s.category == "text":
-        glyphs = data.word_cells("text", s.cells)
+        glyphs = grounding.word_cells("text", s.cells)
         rows = p("read")
         total = total - sum(rows[len(prompt) - 1 + j, image[c]].log() for j, c in enumerate(glyphs)) / len(glyphs)
         after_read = hidden[roles.read[0] + 1][k]
@@ -129,15 +133,31 @@ def test_grounding_loss_matches_a_hand_computed_sum():
     assert all(p.weight.grad.abs().sum() > 0 for p in (probes.look, probes.answer, probes.read))
 
 
-def test_attention_on_target_reports_every_role_per_category():
+def grounding_probe():
+    """experiments/grounding_probe.py (a research tool outside the library), imported by path."""
+    spec = importlib.util.spec_from_file_location("grounding_probe", os.path.join(ROOT, "experiments",
+                                                                                   "grounding_probe.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_on_target_reports_every_role_per_category(tmp_path, capsys):
     """The progress measure: one entry per role and category with such queries; an untrained
-    model's heads spread their attention, so every mass is far below 1."""
+    model's heads spread their attention, so every mass is far below 1. The command line prints
+    one row per role on a checkpoint with the default heads."""
+    probe = grounding_probe()
     torch.manual_seed(0)
     model = tiny().eval()
     batch = data.collate([data.sample_at(data.DataConfig(), "test", 0, i) for i in range(7)])
-    fresh = attention_on_target(model, batch, ROLES)
+    fresh = probe.attention_on_target(model, batch, ROLES)
     assert set(fresh) == {"look", "gather_first", "gather_last", "read"} and set(fresh["read"]) == {"text"}
     assert all(v < 0.5 for per in fresh.values() for v in per.values())
+    tiny(("attn",) * 6).save_pretrained(str(tmp_path / "m"))           # default heads: layers 2, 4, 5
+    probe.main([str(tmp_path / "m"), "--n", "7"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["role", *data.CATEGORIES]
+    assert [line.split()[0] for line in lines[1:]] == ["look", "gather_first", "gather_last", "read"]
 
 
 def test_roles_must_name_attention_heads():

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Attention, Cache, CheckpointError, LayerCache, Mamba2Mixer, Model, ModelConfig, make_layers
+from convert import CheckpointError, load_model
+from model import Attention, Cache, LayerCache, Mamba2Mixer, Model, ModelConfig, make_layers
 from utils import InputError
 
 IMG = 5
@@ -102,7 +103,7 @@ def test_config_file_rejects_unknown_fields(tmp_path):
     d = dataclasses.asdict(small_cfg())
     d["n_expert"] = 4
     (tmp_path / "c.json").write_text(json.dumps(d))
-    with pytest.raises(CheckpointError, match="c.json: invalid model config.*n_expert"):
+    with pytest.raises(InputError, match="c.json: invalid model config.*n_expert"):
         ModelConfig.load(tmp_path / "c.json")
 
 
@@ -387,7 +388,7 @@ def test_save_load_bit_identical(tmp_path):
     model = perturb_mamba(Model(cfg)).eval()
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    again = Model.from_pretrained(tmp_path / "ckpt").eval()
+    again = load_model(tmp_path / "ckpt").eval()
     assert again.cfg == cfg
     ids, px = prompt(cfg)
     with torch.no_grad():
@@ -406,7 +407,7 @@ def test_load_errors_name_file_and_keys(tmp_path):
     # the config says layer 1 is Mamba-2: its new tensors are missing
     cfg_path.write_text(json.dumps(dict(good, layers=["attn", "mamba2", "attn"])))
     with pytest.raises(CheckpointError) as e:
-        Model.from_pretrained(d)
+        load_model(d)
     msg = str(e.value)
     assert str(w_path) in msg and "missing keys" in msg and "layers.1.mixer.A_log" in msg
     assert "layers.1.mixer.conv1d.weight" in msg and "unexpected" not in msg
@@ -414,7 +415,7 @@ def test_load_errors_name_file_and_keys(tmp_path):
     # a wider MLP: mis-shaped keys, with both shapes
     cfg_path.write_text(json.dumps(dict(good, intermediate_size=128)))
     with pytest.raises(CheckpointError) as e:
-        Model.from_pretrained(d)
+        load_model(d)
     msg = str(e.value)
     assert "mis-shaped keys (9)" in msg and "layers.0.feed_forward.w1.weight: checkpoint (96, 64) vs model (128, 64)" in msg
 
@@ -422,22 +423,22 @@ def test_load_errors_name_file_and_keys(tmp_path):
     Model(small_cfg(["attn", "mamba2", "attn"])).save_pretrained(d)
     cfg_path.write_text(json.dumps(good))
     with pytest.raises(CheckpointError, match=r"unexpected keys \(7\): layers\.1\.mixer\.A_log"):
-        Model.from_pretrained(d)
+        load_model(d)
 
     # broken files
     cfg_path.write_text("{not json")
     with pytest.raises(InputError, match="config.json: not valid JSON"):
-        Model.from_pretrained(d)
+        load_model(d)
     cfg_path.write_text(json.dumps(dict(good, n_heads=5)))
-    with pytest.raises(CheckpointError, match="config.json: invalid model config"):
-        Model.from_pretrained(d)
+    with pytest.raises(InputError, match="config.json: invalid model config"):
+        load_model(d)
     cfg_path.write_text(json.dumps(good))
     w_path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
-        Model.from_pretrained(d)
+        load_model(d)
     w_path.unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors: no such weights file"):
-        Model.from_pretrained(d)
+    with pytest.raises(CheckpointError, match="no weights: expected model.safetensors"):
+        load_model(d)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
