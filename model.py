@@ -18,15 +18,14 @@ Parameter names follow HoVLE's (convert.py maps them): vision.{patch_embedding, 
 pixel_shuffle_proj}, embed_tokens, layers.{i}.{attention_norm, mixer, ffn_norm, feed_forward.w1/w2/w3},
 norm, lm_head (untied).
 
-Run:  python model.py      # parameter counts, cached decode against the full forward, timings
-"""
+Run:  python model.py      # parameter counts, cached decode against the full forward"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -44,7 +43,7 @@ SSD_IMPLS = {"naive": ssd_naive, "chunked": ssd_chunked, "triton": ssd_triton}
 PLACEMENTS = ("head-interleaved", "tail-interleaved", "head-stacked", "tail-stacked")
 
 
-@dataclass
+@dataclasses.dataclass
 class ModelConfig:
     """Every shape of the model. The defaults are this project's tiny teacher (128 px images ->
     64 image tokens, the tokenizer of data.py); `hovle()` is the paper's teacher."""
@@ -53,7 +52,7 @@ class ModelConfig:
     intermediate_size: int = 512            # I, SwiGLU inner width
     n_heads: int = 6                        # H query heads; head dim P = d_model / H
     n_kv_heads: int = 2                     # Hkv key/value heads (GQA)
-    layers: list = field(default_factory=lambda: ["attn"] * 8)   # per layer "attn" or "mamba2"
+    layers: list = dataclasses.field(default_factory=lambda: ["attn"] * 8)   # per layer "attn" or "mamba2"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     image_size: int = 128                   # square images, pixels
@@ -133,7 +132,7 @@ def make_layers(n_layers: int, n_attn: int = 0, placement: str = "head-interleav
 # Building blocks
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in float32 (float64 stays float64)."""
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -141,8 +140,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class FeedForward(nn.Module):
@@ -182,14 +180,20 @@ class VisionStem(nn.Module):
         return self.pixel_shuffle_proj(x.reshape(n, (g // s) ** 2, s * s * d))
 
 
+@functools.lru_cache(maxsize=4)
+def rope_tables(start: int, L: int, P: int, theta: float, device: torch.device, dtype: torch.dtype):
+    """cos, sin (L, P) of the rotary angles at positions start.. (kept for the other layers of a step)."""
+    inv = theta ** (-torch.arange(0, P, 2, device=device, dtype=dtype) / P)              # (P/2,)
+    ang = torch.arange(start, start + L, device=device, dtype=dtype)[:, None] * inv      # (L, P/2)
+    return ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+
+
 def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half, as InternLM2 and HF Llama) of x (b, heads, L, P) at positions
-    start .. start + L - 1."""
+    start .. start + L - 1, computed in float32 (float64 stays float64)."""
     L, P = x.shape[-2], x.shape[-1]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv = theta ** (-torch.arange(0, P, 2, device=x.device, dtype=ct) / P)            # (P/2,)
-    ang = torch.arange(start, start + L, device=x.device, dtype=ct)[:, None] * inv    # (L, P/2)
-    cos, sin = ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)                         # (L, P)
+    cos, sin = rope_tables(start, L, P, theta, x.device, ct)
     xf = x.to(ct)
     rot = torch.cat([-xf[..., P // 2:], xf[..., : P // 2]], dim=-1)
     return (xf * cos + rot * sin).to(x.dtype)
@@ -223,8 +227,7 @@ class LayerCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.conv_state, self.ssm_state)
-                   if t is not None)
+        return sum(t.nbytes for t in (self.k, self.v, self.conv_state, self.ssm_state) if t is not None)
 
 
 class Cache:
@@ -286,8 +289,7 @@ class Attention(nn.Module):
         return o.transpose(1, 2)                                               # (b, L, H, P)
 
     def forward(self, u, start: int = 0, cache: LayerCache | None = None):
-        o = self.heads(u, start, cache)
-        return self.wo(o.flatten(2))
+        return self.wo(self.heads(u, start, cache).flatten(2))
 
 
 class Mamba2Mixer(nn.Module):
@@ -405,8 +407,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kind: str):
         super().__init__()
-        self.kind = kind
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.kind, self.attention_norm = kind, RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = Attention(cfg) if kind == "attn" else Mamba2Mixer(cfg)
         self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)

@@ -17,6 +17,7 @@ import distill
 from grounding import GroundingConfig
 from model import Model, ModelConfig
 from seed import seed_student
+from utils import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_HINTS = GroundingConfig(look=(0, 0), gather_first=(1, 0), gather_last=(1, 3), read=(2, 0))
@@ -283,6 +284,16 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(teacher_dir, tmp_path, monkeyp
             distill.train(ref_cfg, ref, teacher)
     for k, v in ref.state_dict().items():
         assert torch.equal(ckpt["objective"]["student." + k], v), k
+
+
+def test_a_nan_loss_ends_the_command_with_one_line(teacher_dir, tmp_path, monkeypatch, capsys):
+    nan = lambda obj, batch: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(1.0))
+    monkeypatch.setitem(distill.STAGES, 1, dataclasses.replace(distill.STAGES[1], loss=nan))
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: distill.main(["--stage", "1", "--teacher", teacher_dir, "--out", str(tmp_path)]),
+                 distill.NonFiniteLoss)
+    err = capsys.readouterr().err.strip().splitlines()[-1]           # after the progress bar
+    assert e.value.code == 1 and err.startswith("error: ") and "loss is nan at step 0" in err
 
 
 def test_command_line_errors_are_one_line(tmp_path):
