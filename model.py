@@ -151,8 +151,9 @@ class FeedForward(nn.Module):
         self.w1, self.w3 = nn.Linear(d_model, inner, bias=False), nn.Linear(d_model, inner, bias=False)
         self.w2 = nn.Linear(inner, d_model, bias=False)
 
-    def forward(self, u):
-        return self.w2(F.silu(self.w1(u)) * self.w3(u))
+    def forward(self, u, cache=None):
+        gate, up = project(self, u, ("w1", "w3"), cache)
+        return self.w2(F.silu(gate) * up)
 
 
 class VisionStem(nn.Module):
@@ -207,10 +208,10 @@ class LayerCache:
     """What one layer keeps between calls. Attention: k, v (b, Hkv, T, P), keys after RoPE, in
     buffers of `capacity` tokens when given (grown when passed). Mamba-2: conv_state (b, channels,
     W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, the layer's input
-    projections stacked once per sequence, so that a decode step makes one matmul."""
+    projections stacked once per sequence (by names), so that a decode step makes one matmul each."""
 
     def __init__(self, capacity: int | None = None):
-        self.capacity, self.length, self.w = capacity, 0, None
+        self.capacity, self.length, self.w = capacity, 0, {}
         self.k = self.v = self.conv_state = self.ssm_state = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
@@ -239,14 +240,13 @@ class Cache:
 
 
 def project(module: nn.Module, u: torch.Tensor, names: tuple, cache: LayerCache | None) -> list:
-    """[u W^T for the Linear layers `names` of module]: separate matmuls, except in a decode step
-    (one token through a cache), where the weights stacked once per sequence make one matmul."""
+    """[u W^T for module's Linear layers `names`]: one matmul of the stacked weights in a decode step."""
     weights = [getattr(module, n).weight for n in names]
     if cache is None or u.shape[1] > 1:
         return [F.linear(u, w) for w in weights]
-    if cache.w is None:
-        cache.w = torch.cat(weights)
-    return F.linear(u, cache.w).split([w.shape[0] for w in weights], dim=-1)
+    if names not in cache.w:
+        cache.w[names] = torch.cat(weights)
+    return F.linear(u, cache.w[names]).split([w.shape[0] for w in weights], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +414,7 @@ class Block(nn.Module):
 
     def forward(self, h, start: int = 0, cache=None):
         h = h + self.mixer(self.attention_norm(h), start, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), cache)
 
 
 class Model(nn.Module):
