@@ -198,13 +198,16 @@ CLAIMS = {  # table: (the paper's claim, [(better row, worse row), ...]) on the 
 }
 
 
-def verdict(a: list, b: list) -> tuple:
-    """(verdict, difference of means, pooled std): "holds" when mean(a) - mean(b) > one pooled
-    standard deviation sqrt((std_a^2 + std_b^2) / 2) over seeds, "does not hold" when it is below
-    minus one, else "within noise"."""
+def verdict(a: list, b: list, n: int) -> tuple:
+    """(verdict, difference of means, noise): "holds" when mean(a) - mean(b) exceeds the noise,
+    "does not hold" when it is below minus the noise, else "within noise". The noise is the larger of
+    the pooled standard deviation over seeds, sqrt((std_a^2 + std_b^2) / 2), and the sampling standard
+    deviation of a difference of two accuracies p on n test questions, sqrt(2 p (1 - p) / n), so
+    that one seed is judged against the test set's own noise."""
     sd = lambda x: statistics.stdev(x) if len(x) > 1 else 0.0
-    diff, pooled = statistics.mean(a) - statistics.mean(b), math.sqrt((sd(a) ** 2 + sd(b) ** 2) / 2)
-    return ("holds" if diff > pooled else "does not hold" if diff < -pooled else "within noise"), diff, pooled
+    diff, p = statistics.mean(a) - statistics.mean(b), (statistics.mean(a) + statistics.mean(b)) / 2
+    noise = max(math.sqrt((sd(a) ** 2 + sd(b) ** 2) / 2), math.sqrt(2 * p * (1 - p) / n))
+    return ("holds" if diff > noise else "does not hold" if diff < -noise else "within noise"), diff, noise
 
 
 def report(cfg: AblationConfig, n_layers: int) -> dict:
@@ -229,15 +232,16 @@ def report(cfg: AblationConfig, n_layers: int) -> dict:
             lines.append(f"| {name} | {len(rs)} | " + " | ".join(cats)
                          + f" | **{pm([r['mean'] for r in rs])}** | {pm([r['retention'] for r in rs])} | "
                          + " | ".join(str(v) for v in (paper or ("-",) * len(PAPER_METRICS)))
-                         + f" | {sorted({tuple(r['attention_layers']) for r in rs})} |")
+                         + f" | {' / '.join(sorted({','.join(map(str, r['attention_layers'])) or '-' for r in rs}))} |")
         if table in PAPER_NOTE:
             lines.append(f"\n(Paper columns: {PAPER_NOTE[table]}.)")
         claim, pairs = CLAIMS[table]
         lines.append(f"\nThe paper's claim: {claim}.\n")
         for a, b in pairs:
             if a in by_row and b in by_row:
-                v, diff, sd = verdict([r["mean"] for r in by_row[a]], [r["mean"] for r in by_row[b]])
-                lines.append(f"- {a} > {b}: **{v}** (difference {100 * diff:+.1f} points, pooled std {100 * sd:.1f})")
+                v, diff, sd = verdict([r["mean"] for r in by_row[a]], [r["mean"] for r in by_row[b]],
+                                      cfg.eval_per_category * len(CATS))
+                lines.append(f"- {a} > {b}: **{v}** (difference {100 * diff:+.1f} points, noise {100 * sd:.1f})")
     wall = {}
     for by_row in found.values():
         for rs in by_row.values():

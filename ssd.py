@@ -191,7 +191,7 @@ def ssd_step(x, dt, A, B, C, state, D=None):
     else:
         xB = per_head(x.to(ct), H, 1)[..., None] * per_head(B.to(ct), H, 1)[:, :, None]   # (b, H, P, N)
         state.mul_(dA[..., None, None]).add_(dt[..., None, None] * xB)
-    y = torch.einsum("bhpn,bhn->bhp", state, per_head(C.to(ct), H, 1))                   # (b, H, P)
+    y = (state * per_head(C.to(ct), H, 1)[:, :, None, :]).sum(-1)                        # (b, H, P)
     if D is not None:
         y = y + D.to(ct)[:, None] * per_head(x.to(ct), H, 1)
     return y.to(x.dtype), state

@@ -50,7 +50,12 @@ def test_every_row_once_then_nothing(teacher_dir, tmp_path, monkeypatch):
 
 
 def test_verdicts():
-    assert ablate.verdict([0.9, 0.92, 0.91], [0.5, 0.52, 0.51])[0] == "holds"
-    assert ablate.verdict([0.5, 0.52, 0.51], [0.9, 0.92, 0.91])[0] == "does not hold"
-    v, diff, sd = ablate.verdict([0.90, 0.80, 0.85], [0.84, 0.86, 0.82])
+    n = 1400  # test questions: the sampling noise of a difference is sqrt(2 p (1 - p) / n), ~1 point here
+    assert ablate.verdict([0.9, 0.92, 0.91], [0.5, 0.52, 0.51], n)[0] == "holds"
+    assert ablate.verdict([0.5, 0.52, 0.51], [0.9, 0.92, 0.91], n)[0] == "does not hold"
+    v, diff, sd = ablate.verdict([0.90, 0.80, 0.85], [0.84, 0.86, 0.82], n)
     assert v == "within noise" and diff == pytest.approx(0.01) and sd == pytest.approx(((0.05 ** 2 + 0.02 ** 2) / 2) ** 0.5)
+    # one seed each: judged against the test set's sampling noise, not a zero std
+    v, diff, sd = ablate.verdict([0.964], [0.963], n)
+    assert v == "within noise" and sd == pytest.approx((2 * 0.9635 * 0.0365 / n) ** 0.5)
+    assert ablate.verdict([0.964], [0.946], n)[0] == "holds"
