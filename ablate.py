@@ -219,9 +219,11 @@ def report(cfg: AblationConfig, n_layers: int) -> dict:
                 found.setdefault(row.table, {}).setdefault(row.name, []).append(read_json(row_path(cfg, row, seed)))
     pm = lambda xs: (f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1
                      else f"{100 * xs[0]:.1f}")
+    have = sorted({r["seed"] for by_row in found.values() for rs in by_row.values() for r in rs})
     lines = [f"# Ablations (Tables 3-6) on the bundled teacher\n",
-             f"Accuracy in % on {cfg.eval_per_category} test questions per category, mean ± std over seeds "
-             f"{', '.join(map(str, cfg.seeds))}; written by `python ablate.py`.\n"]
+             f"Accuracy in % on {cfg.eval_per_category} test questions per category, mean ± std over the seeds "
+             f"found ({', '.join(map(str, have))} of {', '.join(map(str, cfg.seeds))}; the column `seeds` counts "
+             f"them per row); written by `python ablate.py`.\n"]
     for table, by_row in sorted(found.items()):
         lines += [f"\n## Table {table}\n", f"| row | seeds | " + " | ".join(CATS) + " | mean | of teacher | "
                   + " | ".join(f"paper {m}" for m in PAPER_METRICS) + " | layers kept |",
