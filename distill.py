@@ -507,8 +507,11 @@ def plot_fidelity(out: str, summaries: list) -> str:
 
 def evaluate_folder(cfg: TrainConfig) -> dict:
     """--eval: the accuracy table of any checkpoint folder on the synthetic test split or a JSONL;
-    writes the predictions beside the references to runs/eval/<folder name>.json."""
+    writes the predictions beside the references to runs/eval/<name>.json, the name made of the folder's
+    last three path parts (runs/linear/stage3/model -> linear_stage3_model) and the JSONL's (@file)."""
     model = load_model(cfg.eval).float()
+    name = "_".join(p for p in os.path.abspath(cfg.eval).split(os.sep)[-3:] if p != "runs")
+    name += f"@{os.path.splitext(os.path.basename(cfg.eval_data))[0]}" if cfg.eval_data else ""
     samples = (data.load_jsonl(cfg.eval_data, model.cfg.image_size) if cfg.eval_data
                else test_samples(cfg.eval_per_category))
     result = evaluate(model, samples, progress=True)
@@ -516,7 +519,7 @@ def evaluate_folder(cfg: TrainConfig) -> dict:
     result["samples"] = [{"source": s.source, "category": s.category, "question": s.turns[-1][0],
                           "answer": s.turns[-1][1], "prediction": p}
                          for s, p in zip(samples, result.pop("predictions"))]
-    path = os.path.join("runs", "eval", os.path.basename(os.path.normpath(cfg.eval)) + ".json")
+    path = os.path.join("runs", "eval", name + ".json")
     write_json(path, result)
     print(f"predictions: {path}")
     return result

@@ -336,7 +336,7 @@ def test_distil_and_evaluate_on_own_jsonl(teacher_dir, tmp_path, capsys, monkeyp
     result = distill.main(["--eval", str(out / "stage3" / "model"), "--eval-data", str(path)])
     table = capsys.readouterr().out
     assert "colour" in table and "model" in table
-    saved = json.load(open(tmp_path / "runs" / "eval" / "model.json"))
+    saved = json.load(open(tmp_path / "runs" / "eval" / f"run_stage3_model@{path.stem}.json"))
     assert [s["answer"] for s in saved["samples"]] == ["red", "no"] and saved["n"] == {"colour": 2}
     assert [s["question"] for s in saved["samples"]] == ["What color is the picture?", "Is it red?"]
     hits = sum(data.normalize_answer(s["prediction"]) == data.normalize_answer(s["answer"]) for s in saved["samples"])
