@@ -510,7 +510,7 @@ def evaluate_folder(cfg: TrainConfig) -> dict:
     writes the predictions beside the references to runs/eval/<name>.json, the name made of the folder's
     last three path parts (runs/linear/stage3/model -> linear_stage3_model) and the JSONL's (@file)."""
     model = load_model(cfg.eval).float()
-    name = "_".join(p for p in os.path.abspath(cfg.eval).split(os.sep)[-3:] if p != "runs")
+    name = "_".join(p for p in os.path.normpath(cfg.eval).split(os.sep)[-3:] if p not in ("runs", "..", ""))
     name += f"@{os.path.splitext(os.path.basename(cfg.eval_data))[0]}" if cfg.eval_data else ""
     samples = (data.load_jsonl(cfg.eval_data, model.cfg.image_size) if cfg.eval_data
                else test_samples(cfg.eval_per_category))
