@@ -436,16 +436,17 @@ def table_lines(res: dict) -> list:
 
 
 def _axes(ax, xs, ylabel: str, title: str) -> None:
-    """Log-2 x with a tick per length; log y with plain-number ticks (1-2-5, or 4 spaced when too few)."""
+    """Log-2 x with a tick per length; log y with plain-number ticks (1-2-3-5 per decade, finer when too few)."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
     ax.set(xscale="log", yscale="log", xlabel="sequence length L (tokens)", ylabel=ylabel, title=title)
     ax.set_xticks(xs, [f"{x // 1024}K" if x % 1024 == 0 else f"{x / 1000:.0f}K" if x >= 1e4 else str(x) for x in xs])
     ax.xaxis.set_minor_locator(NullLocator())
     lo, hi = ax.get_ylim()
-    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
-    ticks = [t for t in ticks if lo <= t <= hi]
-    ax.yaxis.set_major_locator(FixedLocator(ticks if len(ticks) >= 3 else
-                                            [float(f"{lo * (hi / lo) ** (i / 3):.2g}") for i in range(4)]))
+    for ms in ((1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in ms]
+        if len(ticks := [t for t in ticks if lo <= t <= hi]) >= 3:
+            break
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
