@@ -17,6 +17,8 @@
 #   python -c "import bench,json; r=json.load(open('model.json')); print(*bench.table_lines(r),sep='\n'); bench.make_plots(r,'.')"
 # flash-linear-attention is optional: fetch the wheels here, then carry ".whl" in the device call:
 #   pip download --no-deps --only-binary=:all: -d .whl fla-core einops
+# Trying the flow on a CPU first (bench arguments appended by EXTRA; the model part is HoVLE-sized, GPU only):
+#   OUT=/tmp/gc EXTRA="--device cpu --lengths 256 512 --batch 1" bash experiments/gpu_check.sh kernel
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -27,11 +29,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+              torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 
 bench() {  # bench NAME BUDGET_S ARGS...: one bench.py run to $WORK/NAME, its JSON to $OUT/NAME.json
   local name=$1 budget=$2; shift 2
-  timeout $((budget + 30)) python3 bench.py --budget-s "$budget" --out "$WORK/$name" "$@" 2>&1 | tr '\r' '\n'
+  timeout $((budget + 30)) python3 bench.py --budget-s "$budget" --out "$WORK/$name" "$@" $EXTRA 2>&1 | tr '\r' '\n'
   local rc=$?
   for f in bench.json bench.partial.json; do
     [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/$name.json" && break
