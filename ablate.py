@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -249,7 +250,7 @@ def report(cfg: AblationConfig, n_layers: int) -> dict:
         for rs in by_row.values():
             for r in rs:
                 w = wall.setdefault(r["seed"], {"runs": {}, "eval_s": 0.0})
-                w["runs"].update(r["stage_seconds"])
+                w["runs"].update({re.sub(r"^.*?(seed\d+/)", r"\1", k): v for k, v in r["stage_seconds"].items()})
                 w["eval_s"] += r["eval_s"]
     lines.append("\n## Wall time per seed (unique stage runs + evaluations)\n")
     lines += [f"- seed {s}: {(sum(w['runs'].values()) + w['eval_s']) / 3600:.2f} h ({len(w['runs'])} stage runs)"
