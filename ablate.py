@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -157,7 +156,7 @@ class Suite:
         write_json(path, {"table": row.table, "row": row.name, "seed": seed, "init": row.init,
                           "stages": list(row.stages or []), "trained": trained, "attention_layers": keep,
                           "placement": row.placement if row.n_attn else None, **result,
-                          "retention": result["mean"] / max(teacher_mean, 1e-9), "stage_seconds": runs,
+                          "retention": result["mean"] / max(teacher_mean, 1e-9), "stage_seconds": {os.path.relpath(d, self.cfg.work): t for d, t in runs.items()},
                           "train_s": sum(runs.values()), "eval_s": round(eval_s, 1), "commit": git_commit(),
                           "date": time.strftime("%Y-%m-%d %H:%M")})
         print(f"table {row.table} | {row.name} | seed {seed}: mean {100 * result['mean']:.1f}% "
@@ -250,7 +249,7 @@ def report(cfg: AblationConfig, n_layers: int) -> dict:
         for rs in by_row.values():
             for r in rs:
                 w = wall.setdefault(r["seed"], {"runs": {}, "eval_s": 0.0})
-                w["runs"].update({re.sub(r"^.*?(seed\d+/)", r"\1", k): v for k, v in r["stage_seconds"].items()})
+                w["runs"].update(r["stage_seconds"])                     # keys: run folders under --work
                 w["eval_s"] += r["eval_s"]
     lines.append("\n## Wall time per seed (unique stage runs + evaluations)\n")
     lines += [f"- seed {s}: {(sum(w['runs'].values()) + w['eval_s']) / 3600:.2f} h ({len(w['runs'])} stage runs)"

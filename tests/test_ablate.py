@@ -38,6 +38,9 @@ def test_every_row_once_then_nothing(teacher_dir, tmp_path, monkeypatch):
             assert res["trained"] == list(r.stages)                # exactly the stages the row names
         assert len(res["attention_layers"]) == (3 if r.name == "teacher" else r.n_attn)
     assert found["3"]["none"][0]["trained"] == [] and found["3"]["2+3"][0]["trained"] == [2, 3]
+    # stage runs are named relative to --work, so a seed's wall time counts each run once
+    assert list(found["3"]["1+2"][0]["stage_seconds"]) == ["seed0/inherit+mimic/s1/stage1",
+                                                           "seed0/inherit+mimic/s1-s2/stage2"]
     assert found["6"]["head-stacked, k=2"][0]["attention_layers"] == [0, 1]
     auto = found["6"]["auto, k=1"][0]["attention_layers"]
     assert len(auto) == 1 and os.path.exists(tmp_path / "work" / "seed0" / "auto_k1.json")
