@@ -359,13 +359,12 @@ class Mamba2Mixer(nn.Module):
 
     def conv(self, xBC: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
         """SiLU(causal depthwise conv) over (b, L, channels); continues and updates cache.conv_state."""
-        b, L, ch = xBC.shape
-        W = self.cfg.conv_width
+        (b, L, ch), W = xBC.shape, self.cfg.conv_width
         prev = xBC.new_zeros(b, ch, W - 1) if cache is None or cache.conv_state is None else cache.conv_state
         window = torch.cat([prev, xBC.transpose(1, 2)], dim=2)                # (b, ch, W - 1 + L)
         if cache is not None:
-            last = window[:, :, L:].detach()                                # decode: a view of a new window
-            cache.conv_state = last if L == 1 else last.clone()
+            last = window[:, :, L:].detach()
+            cache.conv_state = last if L == 1 else last.clone()                  # decode: a view of a new window
         if L == 1:                                                            # decode: one window
             return F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)[:, None]
         return F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=ch)).transpose(1, 2)
