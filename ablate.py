@@ -157,8 +157,8 @@ class Suite:
                           "stages": list(row.stages or []), "trained": trained, "attention_layers": keep,
                           "placement": row.placement if row.n_attn else None, **result,
                           "retention": result["mean"] / max(teacher_mean, 1e-9), "train_s": sum(runs.values()),
-                          "stage_seconds": {os.path.relpath(d, self.cfg.work): t for d, t in runs.items()}, "eval_s": round(eval_s, 1), "commit": git_commit(),
-                          "date": time.strftime("%Y-%m-%d %H:%M")})
+                          "stage_seconds": {os.path.relpath(d, self.cfg.work): t for d, t in runs.items()},
+                          "eval_s": round(eval_s, 1), "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M")})
         print(f"table {row.table} | {row.name} | seed {seed}: mean {100 * result['mean']:.1f}% "
               f"(teacher {100 * teacher_mean:.1f}%)")
 
