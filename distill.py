@@ -1,11 +1,10 @@
-"""Distillation: mmMamba's three stages (Sec. 3.3), and stage 0 (training the teacher), in one loop.
+"""Distillation: mmMamba's three stages (Sec. 3.3) in one loop.
 
 Stages 1 and 2 distil layer by layer with teacher forcing: every converted layer receives the
 TEACHER's hidden state, so all layers train at once in one pass and no layer sees another student
 layer's error. Stage 3 distils end to end. The recipe, all of it in the table `STAGES` below:
 
     stage  trains, in every converted Mamba-2 mixer                 loss                      steps  lr    batch
-    0      the whole all-attention teacher (this project only)      answer CE + aux + hints   2500   5e-4  32
     1      the NEW parameters: conv, W_dt, dt_bias, A_log, norm, W_G  layer MSE                 300    5e-3  16
     2      NEW + W_Q, W_K, W_V                                      layer MSE                 600    3e-3  16
     3      W_Q, W_K, W_V, conv, W_dt, norm, W_G (A_log, dt_bias freeze)  KL(teacher || student)  1000   3e-4  16
@@ -17,9 +16,8 @@ W_O, the MLPs, norms, embeddings, LM head and (hybrid, stage 3) the kept attenti
 train. Stages 1-2 train every layer's mixer; stage 3 of a hybrid puts the teacher's attention
 back in the kept layers (`--placement auto` chooses them from data: `choose_attention_layers`).
 Optimiser: AdamW (betas 0.9, 0.95), weight decay 0.05 on matrices, gradient clip 2.0,
-warmup-stable-decay schedule. Stage 0 exists because HoVLE's weights cannot be downloaded here:
-it trains the bundled teacher on the synthetic benchmark (data.py), with an auxiliary per-image-
-token classifier and grounding hints (grounding.py).
+warmup-stable-decay schedule. The loop (`train`) trains any objective module: teacher/train.py
+uses it to train the bundled teacher, the stand-in for HoVLE (not part of the paper).
 
 It follows the official code (github.com/hustvl/mmMamba: src/trainer/distill_every_layer.py for
 stages 1-2, src/stage3.py for stage 3) except where the README's "Where this follows the official
@@ -44,7 +42,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -54,18 +52,34 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import grounding
 from convert import load_model
-from model import PLACEMENTS, Mamba2Mixer, Model, ModelConfig, make_layers
+from model import PLACEMENTS, Mamba2Mixer, Model, make_layers
 from seed import MODES, fidelity_table, mixer_fidelity, seed_student
 from utils import arg, atomic_write, parse_config, run_main, write_json
 
 
 @dataclass
-class TrainConfig:
-    stage: str = arg("1", "0: train the teacher; 1, 2: layer-wise; 3: end to end; all: 1, 2, 3",
-                     choices=("0", "1", "2", "3", "all"))
-    out: str = arg("", "run folder, one sub-folder per stage (default runs/teacher, runs/linear or runs/hybrid)")
+class LoopConfig:
+    """What the training loop reads (teacher/train.py's config extends it too)."""
+    stage: str = arg("1", "1, 2: layer-wise; 3: end to end; all: 1, 2, 3", choices=("1", "2", "3", "all"))
+    out: str = arg("", "run folder, one sub-folder per stage (default runs/linear or runs/hybrid)")
+    steps: int | None = arg(None, "optimiser steps (default: the stage's in STAGES)")
+    lr: float | None = arg(None, "peak learning rate (default: the stage's)")
+    batch_size: int | None = arg(None, "global batch, split over processes (default: the stage's)")
+    weight_decay: float = arg(0.05, "AdamW weight decay on matrices")
+    grad_clip: float = arg(2.0, "gradient norm clip")
+    warmup_frac: float = arg(0.05, "linear warmup over this fraction of the steps")
+    decay_frac: float = arg(0.2, "linear decay to 0 over this last fraction")
+    data: str = arg("", "train on this LLaVA-style JSONL instead of the synthetic stream")
+    save_every: int = arg(50, "checkpoint every N steps")
+    seed: int = arg(0, "seed of the new parameters and of the data order")
+    resume: bool = arg(False, "continue interrupted stages from their checkpoints")
+
+    stage_dir = property(lambda self: os.path.join(self.out, f"stage{self.stage}"))
+
+
+@dataclass
+class TrainConfig(LoopConfig):
     teacher: str = arg("checkpoints/teacher", "teacher checkpoint folder (ours, HoVLE, InternLM2 or Llama)")
     student: str = arg("", "start the (first) stage from this model folder, or 'seeded' for the freshly seeded "
                            "student (default: stage 1 seeded, later stages the previous stage's model)")
@@ -75,38 +89,21 @@ class TrainConfig:
     placement: str = arg("head-interleaved", "where a hybrid keeps them (auto: chosen from data)",
                          choices=PLACEMENTS + ("auto",))
     init: str = arg("inherit+mimic", "seeding mode (the paper's Table 4)", choices=MODES)
-    steps: int | None = arg(None, "optimiser steps (default: the stage's in STAGES)")
-    lr: float | None = arg(None, "peak learning rate (default: the stage's)")
-    batch_size: int | None = arg(None, "global batch, split over processes (default: the stage's)")
-    weight_decay: float = arg(0.05, "AdamW weight decay on matrices")
-    grad_clip: float = arg(2.0, "gradient norm clip")
-    warmup_frac: float = arg(0.05, "linear warmup over this fraction of the steps")
-    decay_frac: float = arg(0.2, "linear decay to 0 over this last fraction")
     mse_scale: float = arg(1000.0, "stages 1-2: loss scale (the official code's)")
     kl_tokens: str = arg("all", "stage 3: KL on all tokens or on the positions predicting the answer",
                          choices=("all", "answer"))
-    aux_weight: float = arg(1.0, "stage 0: weight of the per-image-token cell classifier")
-    ground_weight: float = arg(1.0, "stage 0: weight of the grounding hints (grounding.py; 0: off)")
-    embed_std: float = arg(0.5, "stage 0: std of the fresh token embeddings")
-    data: str = arg("", "train on this LLaVA-style JSONL instead of the synthetic stream")
     eval: str = arg("", "print the accuracy table of this checkpoint folder and exit")
     eval_data: str = arg("", "evaluate on this JSONL instead of the synthetic test split")
     eval_per_category: int = arg(50, "synthetic test questions per category (0: no accuracy after a stage)")
-    save_every: int = arg(50, "checkpoint every N steps")
-    seed: int = arg(0, "seed of the student's new parameters and of the data order")
-    resume: bool = arg(False, "continue interrupted stages from their checkpoints")
-    hints: grounding.GroundingConfig = field(default_factory=grounding.GroundingConfig)   # stage 0's heads
 
     def __post_init__(self):
-        if self.stage in ("0", "1", "2", "3"):
+        if self.stage in ("1", "2", "3"):
             s = STAGES[int(self.stage)]
             self.steps, self.lr, self.batch_size = (self.steps or s.steps, self.lr or s.lr,
                                                     self.batch_size or s.batch)
-        self.out = self.out or ("runs/teacher" if self.stage == "0" else f"runs/{self.layers}")
+        self.out = self.out or f"runs/{self.layers}"
         if min(self.steps or 1, self.batch_size or 1, self.lr or 1, self.save_every) <= 0:
             raise ValueError(f"steps, lr, batch_size and save_every must be positive")
-
-    stage_dir = property(lambda self: os.path.join(self.out, f"stage{self.stage}"))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -154,35 +151,12 @@ def kl_loss(obj: "Objective", batch: dict):
     return kl_per_token(t_logits, s_logits, kl_mask(batch, obj.cfg.kl_tokens))
 
 
-def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
-    """Next-token cross-entropy summed over the answer tokens (labels != -100), and their number."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]                     # logits[t] predict labels[t+1]
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
-    return ce, (labels != data.IGNORE_INDEX).sum().float()
-
-
-def teacher_loss(obj: "Objective", batch: dict):
-    """Stage 0: answer CE, plus a per-image-token classification of what each grid cell holds
-    (a cosine classifier of fixed scale 16: a plain linear head let image features grow to norm
-    ~1400 and the answers ignore the image), rescaled to the answer-token count, plus grounding.py's
-    hints. Samples without `cells` add no auxiliary or grounding loss."""
-    feats = obj.student.vision(batch["pixel_values"])                            # (b, T_img, d_model)
-    logits, hidden = obj.student(batch["input_ids"], image_embeds=feats, return_hidden=True)
-    ce, n = answer_ce(logits, batch["labels"])
-    if obj.cfg.ground_weight:
-        ce = ce + obj.cfg.ground_weight * grounding.grounding_loss(obj.student, hidden, batch, obj.hints, obj.probes)
-    cells = batch["cells"]                                                      # (b, T_img)
-    cls = 16.0 * F.normalize(feats, dim=-1) @ F.normalize(obj.aux_head.weight, dim=-1).T
-    aux = F.cross_entropy(cls.flatten(0, 1).float(), cells.flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
-    return ce + obj.cfg.aux_weight * aux * n / (cells != data.IGNORE_INDEX).sum().clamp_min(1), n
-
-
 # ----------------------------------------------------------------------------------------------
 # The recipe: per stage, what trains in each converted mixer, the loss, steps, lr and batch size.
 
 @dataclass(frozen=True)
 class Stage:
-    trains: tuple                  # parameter-name prefixes in a converted mixer; "*": the whole model
+    trains: tuple                  # parameter-name prefixes in a converted mixer
     loss: Callable                 # (objective, batch) -> (sum, count)
     steps: int
     lr: float
@@ -191,7 +165,6 @@ class Stage:
 
 QKV = ("wq", "wk", "wv")
 STAGES = {
-    0: Stage(("*",), teacher_loss, 2500, 5e-4, 32),
     1: Stage(Mamba2Mixer.NEW, layer_loss, 300, 5e-3, 16),
     2: Stage(Mamba2Mixer.NEW + QKV, layer_loss, 600, 3e-3, 16),
     3: Stage(QKV + ("conv1d", "wdt", "norm", "wg"), kl_loss, 1000, 3e-4, 16),
@@ -203,11 +176,9 @@ def converted_layers(student: Model, teacher: Model) -> list:
     return [i for i, (s, t) in enumerate(zip(student.cfg.layers, teacher.cfg.layers)) if (s, t) == ("mamba2", "attn")]
 
 
-def set_trainable(student: Model, teacher: Model | None, stage: int) -> list:
+def set_trainable(student: Model, teacher: Model, stage: int) -> list:
     """Freeze everything, then unfreeze the stage's parameters; return their names."""
-    student.requires_grad_(stage == 0)
-    if stage == 0:
-        return [n for n, _ in student.named_parameters()]
+    student.requires_grad_(False)
     names = []
     for i in converted_layers(student, teacher):
         for n, p in student.layers[i].mixer.named_parameters():
@@ -218,21 +189,13 @@ def set_trainable(student: Model, teacher: Model | None, stage: int) -> list:
 
 
 class Objective(nn.Module):
-    """One stage's loss as a module (so DistributedDataParallel can wrap it): the student and stage
-    0's auxiliary heads train; the teacher (held in a list: not registered) is frozen."""
+    """One stage's loss as a module (so DistributedDataParallel can wrap it): the student's
+    parameters set_trainable chose train; the teacher (held in a list: not registered) is frozen."""
 
-    def __init__(self, cfg: TrainConfig, student: Model, teacher: Model | None):
+    def __init__(self, cfg: TrainConfig, student: Model, teacher: Model):
         super().__init__()
         self.cfg, self.student, self.teacher = cfg, student, [teacher]
-        self.loss = STAGES[int(cfg.stage)].loss
-        if cfg.stage == "0":
-            self.aux_head = nn.Linear(student.cfg.hidden_size, data.NUM_CELL_CLASSES, bias=False)
-            self.hints = cfg.hints
-            self.probes = grounding.Probes(student.cfg.hidden_size) if cfg.ground_weight else None
-            if cfg.ground_weight:
-                self.hints.check(student.cfg)
-        else:
-            self.layers = converted_layers(student, teacher)
+        self.loss, self.layers = STAGES[int(cfg.stage)].loss, converted_layers(student, teacher)
 
     def forward(self, batch: dict):
         return self.loss(self, batch)
@@ -246,16 +209,10 @@ def load_teacher(path: str) -> Model:
     return load_model(path).float().eval().requires_grad_(False)
 
 
-def build_student(cfg: TrainConfig, teacher: Model | None) -> Model:
-    """Stage 0: a fresh all-attention model. Stage 1 (or --student seeded): the teacher seeded into
-    all-Mamba-2 (--init). Otherwise the previous stage's model (or --student DIR). Stage 3 of a
-    hybrid puts the teacher's attention back in the kept layers."""
-    if cfg.stage == "0":
-        torch.manual_seed(cfg.seed)
-        model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
-        with torch.no_grad():       # std 0.5, not 0.02: the question's words must not drown under the image's
-            model.embed_tokens.weight.normal_(0.0, cfg.embed_std)
-        return model
+def build_student(cfg: TrainConfig, teacher: Model) -> Model:
+    """Stage 1 (or --student seeded): the teacher seeded into all-Mamba-2 (--init). Otherwise the
+    previous stage's model (or --student DIR). Stage 3 of a hybrid puts the teacher's attention
+    back in the kept layers."""
     if cfg.student == "seeded" or (cfg.stage == "1" and not cfg.student):
         g = torch.Generator().manual_seed(cfg.seed)
         student = seed_student(teacher, ["mamba2"] * teacher.cfg.n_layers, cfg.init, generator=g)
@@ -304,7 +261,7 @@ def choose_attention_layers(student: Model, teacher: Model, k: int, seed: int = 
     return sorted(order[:k])
 
 
-def train_samples(cfg: TrainConfig):
+def train_samples(cfg: LoopConfig):
     """A user's JSONL in a seeded order (every record is checked before any training), or None:
     the synthetic stream."""
     if not cfg.data:
@@ -314,7 +271,7 @@ def train_samples(cfg: TrainConfig):
     return samples
 
 
-def train_batch(step: int, cfg: TrainConfig, rank: int, world: int, samples: list | None) -> dict:
+def train_batch(step: int, cfg: LoopConfig, rank: int, world: int, samples: list | None) -> dict:
     """This process's share of batch `step`: global samples step*B + rank*B/world + i (the data
     position is the step: a resumed run sees the same batches); a file's samples cycle."""
     if cfg.batch_size % world:
@@ -357,20 +314,20 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def wsd_lr(step: int, cfg: TrainConfig) -> float:
+def wsd_lr(step: int, cfg: LoopConfig) -> float:
     """Warmup-stable-decay: linear warmup, constant, linear decay to 0 at the last step."""
     warm, decay = max(1, round(cfg.warmup_frac * cfg.steps)), max(1, round(cfg.decay_frac * cfg.steps))
     return cfg.lr * (step + 1) / warm if step < warm else cfg.lr * min(1.0, (cfg.steps - step) / decay)
 
 
-def train(cfg: TrainConfig, student: Model, teacher: Model | None, samples: list | None = None) -> list:
-    """Train one stage in place; return the losses. Checkpoints (the whole model, optimiser, step)
-    every save_every steps; with cfg.resume, continues from the stage's checkpoint."""
+def train(cfg: LoopConfig, objective: nn.Module, samples: list | None = None) -> list:
+    """Train the trainable parameters of `objective` (a module: batch -> (loss sum, count), holding
+    the model as .student) in place; return the losses. Checkpoints (the whole objective, optimiser,
+    step) every save_every steps; with cfg.resume, continues from the stage's checkpoint."""
     rank, world = dist_setup()
     ckpt_path, log_path = os.path.join(cfg.stage_dir, "ckpt.pt"), os.path.join(cfg.stage_dir, "log.jsonl")
     os.makedirs(cfg.stage_dir, exist_ok=True)
-    trainable = set_trainable(student, teacher, int(cfg.stage))
-    objective = Objective(cfg, student, teacher)
+    student = objective.student
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -382,7 +339,7 @@ def train(cfg: TrainConfig, student: Model, teacher: Model | None, samples: list
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     if rank == 0:
-        print(f"stage {cfg.stage}: {len(trainable)} trainable tensors, {sum(p.numel() for p in params):,} parameters"
+        print(f"stage {cfg.stage}: {len(params)} trainable tensors, {sum(p.numel() for p in params):,} parameters"
               + (f"; resuming from {ckpt_path} at step {start}" if start else ""))
         with open(log_path, "a+") as f:                  # keep the steps the checkpoint holds
             f.seek(0)
@@ -425,17 +382,18 @@ def train(cfg: TrainConfig, student: Model, teacher: Model | None, samples: list
 # ----------------------------------------------------------------------------------------------
 # A stage with its report, and the command line
 
-def run_stage(cfg: TrainConfig, teacher: Model | None, student: Model | None = None, samples=None) -> dict:
+def run_stage(cfg: TrainConfig, teacher: Model, student: Model | None = None, samples=None) -> dict:
     """Train one stage and report (rank 0): per-layer fidelity, accuracy beside the teacher's, one
     summary line. Writes and returns stageK/summary.json."""
     student = student if student is not None else build_student(cfg, teacher)
     probe = data.collate(test_samples(5)[:32])                  # a fixed held-out batch for the layer numbers
-    fid = lambda: mixer_fidelity(teacher, student, probe["input_ids"], probe["pixel_values"]) if teacher else []
+    fid = lambda: mixer_fidelity(teacher, student, probe["input_ids"], probe["pixel_values"])
     layerwise = cfg.stage in ("1", "2")
     before = fid()
     mse_before = mean_layer_mse(student, teacher, probe) if layerwise else None
     t0 = time.time()
-    losses = train(cfg, student, teacher, samples)
+    set_trainable(student, teacher, int(cfg.stage))
+    losses = train(cfg, Objective(cfg, student, teacher), samples)
     summary = {"stage": int(cfg.stage), "steps": cfg.steps, "seconds": round(time.time() - t0, 1),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "layers": student.cfg.layers, "config": asdict(cfg), "fidelity_before": before, "fidelity": fid()}
@@ -452,13 +410,12 @@ def run_stage(cfg: TrainConfig, teacher: Model | None, student: Model | None = N
         print(fidelity_table({"before": before, "after": summary["fidelity"]}))
     if cfg.eval_per_category:
         tests = test_samples(cfg.eval_per_category)
-        results = {"student": {k: v for k, v in evaluate(student, tests).items() if k != "predictions"}}
-        if teacher is not None:
-            results = {"teacher": teacher_accuracy(cfg, teacher, tests), **results}
-        summary["accuracy"], summary["teacher_accuracy"] = results["student"], results.get("teacher")
+        results = {"teacher": teacher_accuracy(cfg, teacher, tests),
+                   "student": {k: v for k, v in evaluate(student, tests).items() if k != "predictions"}}
+        summary["accuracy"], summary["teacher_accuracy"] = results["student"], results["teacher"]
         print(data.format_table(results))
-        s, t = results["student"]["mean"], results.get("teacher", {}).get("mean")
-        line += f", accuracy {100 * s:.1f}%" + (f" (teacher {100 * t:.1f}%, {100 * s / t:.1f}% of it)" if t else "")
+        s, t = results["student"]["mean"], results["teacher"]["mean"]
+        line += f", accuracy {100 * s:.1f}% (teacher {100 * t:.1f}%" + (f", {100 * s / t:.1f}% of it)" if t else ")")
     print(line)
     write_json(os.path.join(cfg.stage_dir, "summary.json"), summary)
     return summary
@@ -526,10 +483,10 @@ def evaluate_folder(cfg: TrainConfig) -> dict:
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, "mmMamba distillation: stage 0 (the teacher), stages 1-3, evaluation.")
+    cfg = parse_config(TrainConfig, argv, "mmMamba distillation: stages 1-3, evaluation.")
     if cfg.eval:
         return evaluate_folder(cfg)
-    teacher = load_teacher(cfg.teacher) if cfg.stage != "0" else None
+    teacher = load_teacher(cfg.teacher)
     samples = train_samples(cfg)
     stages = ["1", "2", "3"] if cfg.stage == "all" else [cfg.stage]
     summaries = [run_stage(replace(cfg, stage=k, student=cfg.student if k == stages[0] else ""), teacher, None, samples)

@@ -1,6 +1,6 @@
 """Grounding probe: how much attention does each grounding role's head put on its targets?
 
-A progress measure for stage 0 (grounding.py): for each role (look, gather_first, gather_last,
+A progress measure for stage 0 (teacher/grounding.py): for each role (look, gather_first, gather_last,
 read) and question category, the mean over the role's query positions of the attention mass its
 head puts on the target keys. The best is 1 (look: n/(n+1) on the n named cells plus 1/(n+1) on
 <s>); an untrained head spreads its attention and scores far below. experiments/README.md used it
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 from convert import load_model  # noqa: E402
-from grounding import GroundingConfig, role_probs, targets  # noqa: E402
+from teacher.grounding import GroundingConfig, role_probs, targets  # noqa: E402
 from model import Model  # noqa: E402
 
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import data
-import grounding
 from data import (CATEGORIES, COLOR_NAMES, GENERATORS, IMAGE_TOKENS, NUM_CELL_CLASSES, PLURALS,
                   SHAPES, TOKENIZER, DataConfig, DataError, Sample, chat_ids, collate, describe_cell,
                   draw_scene, image_to_tensor, load_jsonl, sample_at, sample_rng, score)
+from teacher import grounding
 
 CFG = DataConfig()
 

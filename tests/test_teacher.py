@@ -1,16 +1,18 @@
-"""Tests of grounding.py: the stage-0 grounding loss against its definition written out by hand."""
+"""Tests of teacher/: the grounding loss against its definition written out by hand, the answer
+cross-entropy by hand, and a short stage 0 whose loss falls."""
 import dataclasses
 import importlib.util
+import json
+import math
 import os
 
 import pytest
 import torch
 
 import data
-import distill
-import grounding
-from grounding import GroundingConfig, grounding_loss
 from model import Model, ModelConfig
+from teacher import grounding, train
+from teacher.grounding import GroundingConfig, grounding_loss
 
 TOK = data.TOKENIZER
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,4 +172,26 @@ def test_roles_must_name_attention_heads():
     with pytest.raises(ValueError, match="look must be a"):
         GroundingConfig(look=(0,))
     with pytest.raises(ValueError, match="grounding role"):
-        distill.Objective(distill.TrainConfig(stage="0", ground_weight=1.0), tiny(), None)  # default roles: 8 layers
+        train.TeacherLoss(train.TeacherConfig(ground_weight=1.0), tiny())  # the default roles need 6 layers
+
+
+def test_answer_ce_counts_answer_tokens_only():
+    labels = torch.tensor([[-100, -100, 4, 7], [-100, 5, -100, -100]])
+    logits = torch.zeros(2, 4, 10)
+    total, n = train.answer_ce(logits, labels)
+    assert n.item() == 3 and total.item() == pytest.approx(3 * math.log(10))
+
+
+def test_stage0_loss_falls(tmp_path, capsys):
+    """The command on a small model (the default roles need 6 layers: the model is patched smaller)."""
+    small = lambda **kw: ModelConfig(**{**kw, "hidden_size": 32, "intermediate_size": 64, "n_heads": 4,
+                                         "n_kv_heads": 2, "layers": ["attn"] * 6, "ssd_chunk_size": 16})
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "ModelConfig", small)
+        summary = train.main(["--out", str(tmp_path), "--steps", "12", "--batch-size", "8", "--lr", "1e-2",
+                              "--save-every", "100", "--eval-per-category", "1"])
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "stage0" / "log.jsonl")]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    assert os.path.exists(tmp_path / "stage0" / "model" / "model.safetensors")
+    assert set(summary["accuracy"]["accuracy"]) == set(data.CATEGORIES)
+    assert "stage 0 done" in capsys.readouterr().out

@@ -1,7 +1,7 @@
-"""Stage-0 grounding hints: supervised attention that teaches the teacher where to look.
+"""Grounding hints: supervised attention that taught the bundled teacher where to look (stage 0).
 
 Not part of the paper. mmMamba distils a *trained* VLM (HoVLE); this project first trains its own
-tiny teacher (stage 0 of distill.py), and with the answer tokens as the only signal a small decoder
+tiny teacher (teacher/train.py), and with the answer tokens as the only signal a small decoder
 trained from scratch on a 2-core CPU does not learn, within the time budget, to find the object a
 question names (experiments/README.md). So during stage 0 four attention heads are told where to
 look; at inference the teacher is a plain all-attention model and nothing here runs.
