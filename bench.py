@@ -1,7 +1,7 @@
 """Speed and memory of the teacher, mmMamba-linear and mmMamba-hybrid, and of the SSD operator (arXiv 2502.13145).
 
 Sections: model = Fig. 1 (c)(d), time and memory of prefill + 256 generated tokens against length (paper: HoVLE-2.6B,
-103K tokens, RTX 4090, linear 20.6x faster and 75.8% less memory, hybrid 13.5x and 60.2%), with issue 18's checks;
+103K tokens, RTX 4090, linear 20.6x faster and 75.8% less memory, hybrid 13.5x and 60.2%), with this project's goals;
 table2 = Table 2, 768 image tokens + 32 text, 256 generated, tokens/s; kernel = the SSD operator against causal SDPA.
 Layouts: "teacher" prefills in one pass (as HoVLE is usually run); "teacher-seg", "linear" (all Mamba-2) and "hybrid"
 (n_layers // 4 attention layers) --segment tokens at a time, carrying their caches. Random weights and tokens.
@@ -332,7 +332,7 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
             "modes": modes, "copy_gb_s": bw / 1e9, "results": rows}
 
 
-# ---- Ratios, checks (issue 18's acceptance figures), tables, plots ---------------------------------------------
+# ---- Ratios, checks (the project's speed and memory goals), tables, plots ---------------------------------
 def compute_ratios(points: list, metric: str) -> list:
     """Linear and hybrid against the one-pass and the segment-wise teacher, at every length."""
     ok = {(p["layout"], p["L"]): p for p in points if p["kind"] == "length" and p["status"] == "ok"}
@@ -345,7 +345,7 @@ def compute_ratios(points: list, metric: str) -> list:
 
 
 def compute_checks(points: list, metric: str) -> dict:
-    """Issue 18's acceptance figures from this run's points: value, target, pass (None: not measured)."""
+    """The speed and memory goals, from this run's points: value, target, pass (None: not measured)."""
     ok = {(p["layout"], p["L"]): p for p in points if p["kind"] == "length" and p["status"] == "ok"}
     t2 = {p["layout"]: p["tokens_per_s"] for p in points if p["kind"] == "table2" and p["status"] == "ok"}
     val = lambda lay, L, key=metric: ok[(lay, L)][key] if (lay, L) in ok else math.nan
@@ -391,7 +391,7 @@ def table(cols: list, rows: list) -> list:
 
 
 def table_lines(res: dict) -> list:
-    """table.txt: Table 2; time, memory and ratios by length (Fig. 1 c-d); issue 18's checks; the kernels."""
+    """table.txt: Table 2; time, memory and ratios by length (Fig. 1 c-d); the goals; the kernels."""
     c, model, kern, lines = res["config"], res.get("model") or {}, res.get("kernel") or {}, []
     pts, metric, ratios = model.get("points", []), model.get("memory_metric"), model.get("ratios", [])
     failed = lambda p: f"{p['status']}: {p.get('error', '')[:80]}"
@@ -421,7 +421,7 @@ def table_lines(res: dict) -> list:
                   f"{f['linear']['memory_saving']:.1%} less memory; hybrid {f['hybrid']['speedup']}x, "
                   f"{f['hybrid']['memory_saving']:.1%}"]
     if model.get("checks"):
-        lines += ["", *table([("issue 18 check", ""), ("value", ".3g"), ("pass", ""), ("target", "")], [
+        lines += ["", *table([("goal", ""), ("value", ".3g"), ("pass", ""), ("target", "")], [
             [k, "-" if v["value"] is None else v["value"], {True: "PASS", False: "FAIL"}.get(v["pass"], "n/a"),
              v["target"]] for k, v in model["checks"].items()])]
     if kern.get("results"):

@@ -77,7 +77,7 @@ def test_smoke_run_writes_schema_plots_and_summary(tmp_path, capsys):
     for name in data["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "table.txt").read_text()
-    assert "issue 18 check" in table and "paper tok/s" in table and "one-pass | segment-wise" in table
+    assert "goal" in table and "paper tok/s" in table and "one-pass | segment-wise" in table
     row = next(ln for ln in table.splitlines() if ln.startswith("linear_decode_ms "))
     ch = model["checks"]["linear_decode_ms"]
     assert f"{ch['value']:.3g}" in row and "<= 3 ms" in row and ("PASS" if ch["pass"] else "FAIL") in row
