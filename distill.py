@@ -75,6 +75,10 @@ class LoopConfig:
     seed: int = arg(0, "seed of the new parameters and of the data order")
     resume: bool = arg(False, "continue interrupted stages from their checkpoints")
 
+    def __post_init__(self):
+        if any(v is not None and v <= 0 for v in (self.steps, self.batch_size, self.lr, self.save_every)):
+            raise ValueError("steps, lr, batch_size and save_every must be positive")
+
     stage_dir = property(lambda self: os.path.join(self.out, f"stage{self.stage}"))
 
 
@@ -99,11 +103,11 @@ class TrainConfig(LoopConfig):
     def __post_init__(self):
         if self.stage in ("1", "2", "3"):
             s = STAGES[int(self.stage)]
-            self.steps, self.lr, self.batch_size = (self.steps or s.steps, self.lr or s.lr,
-                                                    self.batch_size or s.batch)
+            self.steps, self.lr, self.batch_size = (s.steps if self.steps is None else self.steps,
+                                                    s.lr if self.lr is None else self.lr,
+                                                    s.batch if self.batch_size is None else self.batch_size)
         self.out = self.out or f"runs/{self.layers}"
-        if min(self.steps or 1, self.batch_size or 1, self.lr or 1, self.save_every) <= 0:
-            raise ValueError(f"steps, lr, batch_size and save_every must be positive")
+        super().__post_init__()
 
 
 class NonFiniteLoss(RuntimeError):

@@ -288,9 +288,11 @@ def test_command_line_errors_are_one_line(tmp_path):
     """Bad input ends with `error: <file>: <problem>` and exit status 1, no traceback."""
     cases = [(["--stage", "1", "--teacher", str(tmp_path / "nope")], "nope: no such checkpoint folder"),
              (["--stage", "2", "--out", str(tmp_path)], "stage1/model: stage 2 starts from this folder"),
-             (["--eval", "checkpoints/teacher", "--eval-data", str(tmp_path / "x.jsonl")], "x.jsonl: no such data file")]
-    for args, message in cases:
-        r = subprocess.run([sys.executable, "distill.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+             (["--eval", "checkpoints/teacher", "--eval-data", str(tmp_path / "x.jsonl")], "x.jsonl: no such data file"),
+             (["--steps", "0"], "steps, lr, batch_size and save_every must be positive")]
+    for args, message in cases + [(["-m", "teacher.train", "--lr", "0"], "must be positive")]:
+        args = args if args[0] == "-m" else ["distill.py", *args]
+        r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr[-500:]
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
