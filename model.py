@@ -10,9 +10,7 @@ Paper map (mmMamba, arXiv 2502.13145):
     Tab. 5-6            which layers a hybrid keeps as attention                   -> make_layers
     Fig. 1, Tab. 2      a fixed-size recurrent state instead of a growing KV cache -> Cache, generate
 
-Letters (as in ssd.py): b batch, L length, d_model hidden size, V vocabulary, H query heads,
-Hkv key/value heads, R = H / Hkv query heads per KV head (GQA), P head dim, N SSM state size (= P:
-the state is K x V shaped, as attention's K^T V), Q SSD chunk size, W conv width, I SwiGLU width.
+Letters: the README's glossary (b L d_model V H Hkv R P N Q W I; N = P: the state is K x V shaped).
 
 Parameter names follow HoVLE's (convert.py maps them): vision.{patch_embedding, position_embedding,
 pixel_shuffle_proj}, embed_tokens, layers.{i}.{attention_norm, mixer, ffn_norm, feed_forward.w1/w2/w3},
