@@ -50,6 +50,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from utils import run_main
+
 # ----------------------------------------------------------------------------------------------
 # The closed world of the benchmark. These are constants (not config fields) because the
 # tokenizer's vocabulary and the cell classes are built from them and must not change with a run.
@@ -578,9 +580,6 @@ def format_table(results: dict, chance: dict[str, float] | None = None) -> str:
         f" {pct(r['mean']):>13}" for r in results.values())])
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def main(argv: Sequence[str] | None = None):
     p = argparse.ArgumentParser(description="Write (or preview) the benchmark as LLaVA-style JSONL and PNGs.")
     p.add_argument("--out", help="folder for data.jsonl and images/ (default: print a preview)")
@@ -597,4 +596,4 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

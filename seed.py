@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import data
 from convert import load_model
 from model import Attention, Mamba2Mixer, Model, ModelConfig
+from utils import run_main
 
 MODES = ("scratch", "inherit", "inherit+mimic")
 
@@ -122,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

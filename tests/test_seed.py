@@ -1,6 +1,9 @@
 """Tests of seed.py: the seeded mixer against a hand-written causal linear attention, the exact
 starting values of each mode (as the official code sets them), whole-model conversion, the CLI."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +192,15 @@ def test_fidelity_and_cli(capsys):
     assert "inherit+mimic" in out and "rel.err" in out and "mean" in out
     mean = {m: sum(r["cos_y"] for r in rs) / 8 for m, rs in results.items()}
     assert mean["inherit+mimic"] > mean["inherit"] + 0.1       # what mimic buys: y already points the teacher's way
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    """seed.py and data.py end bad input with one line naming the path, and exit status 1."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bad = str(tmp_path / "nowhere")
+    for args in (["seed.py", "--checkpoint", bad], ["data.py", "--out", str(tmp_path / "file" / "x"), "--n", "1"]):
+        if args[0] == "data.py":
+            (tmp_path / "file").write_text("a file, not a folder")
+        r = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert str(tmp_path) in r.stderr, r.stderr
