@@ -231,7 +231,7 @@ def model_section(c: BenchConfig, started: float, save) -> list:
     for kind, layout, L in specs:
         prev = [p for p in points if (p["kind"], p["layout"]) == (kind, layout)]
         bad = next((p for p in prev if p["status"] != "ok"), None)
-        left = c.budget_s - (time.time() - started) - REPORT_S if c.budget_s else math.inf
+        left = c.budget_s - (time.time() - started) - REPORT_S - decode_s(points) if c.budget_s else math.inf
         pred = predict_s(c, [p for p in prev if p["status"] == "ok"], layout, L)
         spec, t0 = {"config": dataclasses.asdict(c), "kind": kind, "layout": layout, "L": L}, time.time()
         if bad:
@@ -248,6 +248,36 @@ def model_section(c: BenchConfig, started: float, save) -> list:
             if r["status"] == "ok" else r["error"][:90]), flush=True)
         save(points)
     return points
+
+
+def linear_totals(points: list) -> dict:
+    return {p["L"]: p["total_s"] for p in points if (p["kind"], p["layout"], p["status"]) == ("length", "linear", "ok")}
+
+
+def decode_s(points: list) -> float:
+    """The time the model section keeps for decode_section: two rounds of the linear points, and a margin."""
+    return 3.0 * sum(linear_totals(points).values())
+
+
+def decode_section(c: BenchConfig, points: list, deadline: float) -> dict:
+    """Linear decode ms per token at the lengths the model section measured, all in this one process,
+    the lengths interleaved over two rounds (1K, 4K, .., 128K, 1K, ..): a shared VM's speed drifts
+    between the section's fresh processes by up to 2x, more than any effect of L, and interleaving
+    puts the drift into every length alike. The decode goals are judged on the medians."""
+    lin = linear_totals(points)
+    model, g, ms = build_model(c, "linear"), torch.Generator().manual_seed(c.seed), {L: [] for L in sorted(lin)}
+    text = lambda L: torch.randint(model.cfg.img_context_id + 1, model.cfg.vocab_size, (1, L), generator=g)
+    model.generate(text(8).to(c.device), max_new_tokens=4)                              # warm-up
+    for _ in range(2):
+        if not lin or time.time() + decode_s(points) / 2 > deadline:
+            break
+        for L in ms:
+            stats = {}
+            model.generate(text(L).to(c.device), max_new_tokens=c.new_tokens, segment=c.segment, stats=stats)
+            ms[L].append(1e3 * stats["decode_s"] / (c.new_tokens - 1))
+    ms = {L: v for L, v in ms.items() if v}
+    print("  decode, linear, one process: " + ", ".join(f"L={L} {statistics.median(v):.2f} ms" for L, v in ms.items()))
+    return {"ms": ms, "median_ms": {L: statistics.median(v) for L, v in ms.items()}}
 
 
 # ---- The kernel section (in this process) ----------------------------------------------------------------------
@@ -344,7 +374,7 @@ def compute_ratios(points: list, metric: str) -> list:
             if (s := ok.get((lay, L))) and (t := ok.get((ref, L)))]
 
 
-def compute_checks(points: list, metric: str) -> dict:
+def compute_checks(points: list, metric: str, decode: dict | None = None) -> dict:
     """The speed and memory goals, from this run's points: value, target, pass (None: not measured)."""
     ok = {(p["layout"], p["L"]): p for p in points if p["kind"] == "length" and p["status"] == "ok"}
     t2 = {p["layout"]: p["tokens_per_s"] for p in points if p["kind"] == "table2" and p["status"] == "ok"}
@@ -353,7 +383,8 @@ def compute_checks(points: list, metric: str) -> dict:
     saving = lambda lay, ref: 1 - div(val(lay, 32768), val(ref, 32768))           # at 32K
     lin = sorted(L for lay, L in ok if lay == "linear")
     lo, hi = next((L for L in lin if L >= 4096), 0), max(lin, default=0)
-    ms = [val("linear", L, "decode_ms_per_token") for L in lin]
+    dec = (decode or {}).get("median_ms") or {L: val("linear", L, "decode_ms_per_token") for L in lin}
+    ms = [dec[L] for L in sorted(dec)]                       # the interleaved measurement if there is one
     rows = [("linear_memory_flat", div(val("linear", hi), val("linear", lo)) - 1 if hi > lo else math.nan,
              f"within +-10% (L={lo or '-'}..{hi or '-'})", lambda v: abs(v) <= 0.1),
             ("linear_saving_32k", saving("linear", "teacher"), ">= 90%", lambda v: v >= 0.9),
@@ -361,7 +392,7 @@ def compute_checks(points: list, metric: str) -> dict:
             ("hybrid_saving_32k", saving("hybrid", "teacher"), ">= 60%", lambda v: v >= 0.6),
             ("linear_decode_ms", max(ms, default=math.nan), "<= 3 ms (the largest)", lambda v: v <= 3),
             ("linear_decode_flat", div(max(ms), min(ms)) - 1 if len(ms) > 1 else math.nan,
-             f"max / min - 1 <= 20% (L={lin[0] if lin else 0}..{hi})", lambda v: v <= 0.2),
+             f"max / min - 1 <= 20% (L={min(dec, default=0)}..{max(dec, default=0)})", lambda v: v <= 0.2),
             ("table2_speedup", div(t2.get("linear", math.nan), t2.get("teacher", math.nan)), ">= 2x", lambda v: v >= 2)]
     return {k: {"value": v if math.isfinite(v) else None, "target": tg,
                 "pass": bool(f(v)) if math.isfinite(v) else None} for k, v, tg, f in rows}
@@ -420,6 +451,9 @@ def table_lines(res: dict) -> list:
                   f"paper (HoVLE-2.6B, 103K tokens, RTX 4090, vs its teacher): linear {f['linear']['speedup']}x, "
                   f"{f['linear']['memory_saving']:.1%} less memory; hybrid {f['hybrid']['speedup']}x, "
                   f"{f['hybrid']['memory_saving']:.1%}"]
+    if (model.get("decode") or {}).get("ms"):
+        lines += ["linear decode in one process, lengths interleaved (ms/token, median of rounds): " + ", ".join(
+            f"L={L} {statistics.median(v):.2f}" for L, v in model["decode"]["ms"].items())]
     if model.get("checks"):
         lines += ["", *table([("goal", ""), ("value", ".3g"), ("pass", ""), ("target", "")], [
             [k, "-" if v["value"] is None else v["value"], {True: "PASS", False: "FAIL"}.get(v["pass"], "n/a"),
@@ -536,8 +570,9 @@ def run(c: BenchConfig) -> dict:
     if {"table2", "model"} & set(c.parts):
         metric = "peak_mib" if c.device.startswith("cuda") else "run_mib"
         points = model_section(c, started, save("model_points"))
+        decode = decode_section(c, points, started + c.budget_s - REPORT_S if c.budget_s else math.inf)
         res["model"] = {"memory_metric": metric, "points": points, "ratios": compute_ratios(points, metric),
-                        "checks": compute_checks(points, metric)}
+                        "decode": decode, "checks": compute_checks(points, metric, decode)}
     model, kern = res.get("model") or {}, res.get("kernel", {}).get("results", [])
     ch = [v["pass"] for v in model.get("checks", {}).values()]
     res["summary"] = "; ".join(s for s in [
