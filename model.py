@@ -129,18 +129,6 @@ def make_layers(n_layers: int, n_attn: int = 0, placement: str = "head-interleav
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 u) * w3 u); w1 gate, w3 up, w2 down (HoVLE / InternLM2 names)."""
 
@@ -319,7 +307,7 @@ class Mamba2Mixer(nn.Module):
         self.conv1d = nn.Conv1d(channels, channels, cfg.conv_width, groups=channels)  # causal padding by hand
         self.wdt = nn.Linear(d, H, bias=False)
         self.dt_bias, self.A_log = nn.Parameter(torch.zeros(H)), nn.Parameter(torch.zeros(H))
-        self.norm = RMSNorm(P, cfg.norm_eps)
+        self.norm = nn.RMSNorm(P, eps=cfg.norm_eps)
         self.wg = nn.Linear(d, H * P, bias=False)
         self.init_new(mimic=False)
 
@@ -361,10 +349,7 @@ class Mamba2Mixer(nn.Module):
         prev = xBC.new_zeros(b, ch, W - 1) if cache is None or cache.conv_state is None else cache.conv_state
         window = torch.cat([prev, xBC.transpose(1, 2)], dim=2)                # (b, ch, W - 1 + L)
         if cache is not None:
-            last = window[:, :, L:].detach()
-            cache.conv_state = last if L == 1 else last.clone()                  # decode: a view of a new window
-        if L == 1:                                                            # decode: one window
-            return F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)[:, None]
+            cache.conv_state = window[:, :, L:].detach().clone()                 # the last W - 1 inputs
         return F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=ch)).transpose(1, 2)
 
     def heads(self, u: torch.Tensor, start: int = 0, cache: LayerCache | None = None, gate: bool = True):
@@ -373,6 +358,8 @@ class Mamba2Mixer(nn.Module):
         Attention.heads' signature."""
         cfg = self.cfg
         b, L, _ = u.shape
+        if cache is not None and cache.ssm_state is not None and L == 1 and gate:
+            return self.step(u, cache)
         Hkv, P = cfg.n_kv_heads, cfg.head_dim
         x, B, C, g, dt = project(self, u, ("wv", "wk", "wq", "wg", "wdt"), cache)
         x, B, C = self.conv(torch.cat([x, B, C], dim=-1), cache).split([Hkv * P, Hkv * P, cfg.n_heads * P], dim=-1)
@@ -380,18 +367,30 @@ class Mamba2Mixer(nn.Module):
         ct = torch.float64 if u.dtype == torch.float64 else torch.float32
         dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))                             # (b, L, H)
         A = -torch.exp(self.A_log.to(ct))                                            # (H,)
-        state = None if cache is None else cache.ssm_state
-        if state is not None and L == 1:                                             # decode step
-            y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state)
-            y = y[:, None]
-        else:
-            impl = cfg.ssd_impl
-            if impl == "auto":
-                impl = "triton" if u.is_cuda and ssd_triton is not None else "chunked"
-            y, state = SSD_IMPLS[impl](x, dt, A, B, C, initial_state=state, chunk_size=cfg.ssd_chunk_size)
+        impl = cfg.ssd_impl if cfg.ssd_impl != "auto" else "triton" if u.is_cuda and ssd_triton else "chunked"
+        y, state = SSD_IMPLS[impl](x, dt, A, B, C, initial_state=None if cache is None else cache.ssm_state,
+                                   chunk_size=cfg.ssd_chunk_size)
         if cache is not None:
             cache.ssm_state = state.detach()
         return self.norm(y.to(u.dtype)) * F.silu(g).view(y.shape) if gate else y       # (b, L, H, P)
+
+    def step(self, u: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """One decode token, (b, 1, d_model) -> (b, 1, H, P): `heads` for L = 1 after a prefill, with the
+        per-sequence work done once (the five projections stacked, the conv taps, A) and the states
+        updated in place (ssd.ssd_step)."""
+        cfg, b, state = self.cfg, u.shape[0], cache.ssm_state
+        Hkv, H, P = cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
+        if "step" not in cache.w:
+            cache.w["step"] = (torch.cat([getattr(self, n).weight for n in ("wv", "wk", "wq", "wg", "wdt")]),
+                               self.conv1d.weight[:, 0], -torch.exp(self.A_log.to(state.dtype)))
+        w, taps, A = cache.w["step"]                                                  # taps (channels, W)
+        xBC, g, dt = F.linear(u[:, 0], w).split([(2 * Hkv + H) * P, H * P, H], dim=-1)
+        window = torch.cat([cache.conv_state, xBC[..., None]], dim=-1)               # (b, channels, W)
+        cache.conv_state = window[..., 1:]
+        x, B, C = F.silu((window * taps).sum(-1) + self.conv1d.bias).split([Hkv * P, Hkv * P, H * P], dim=-1)
+        dt = F.softplus(dt.to(A.dtype) + self.dt_bias.to(A.dtype))                     # (b, H)
+        y, _ = ssd_step(x.view(b, Hkv, P), dt, A, B.view(b, Hkv, P), C.view(b, H, P), state)   # (b, H, P)
+        return (self.norm(y) * F.silu(g).view(b, H, P))[:, None]
 
     def forward(self, u, start: int = 0, cache: LayerCache | None = None):
         return self.wo(self.heads(u, start, cache).flatten(2))
@@ -405,8 +404,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kind: str):
         super().__init__()
-        self.kind, self.attention_norm = kind, RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.kind, self.attention_norm = kind, nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mixer = Attention(cfg) if kind == "attn" else Mamba2Mixer(cfg)
         self.feed_forward = FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
@@ -424,7 +423,7 @@ class Model(nn.Module):
         self.vision = VisionStem(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layers)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
