@@ -61,7 +61,7 @@ class BenchConfig:
     preset: str = arg("tiny", "tiny: this project's model, CPU, float32; hovle: HoVLE-2.6B shapes, CUDA, bf16")
     device: str = arg("", "device (default: the preset's)")
     dtype: str = arg("", "float32, bfloat16 or float16 (default: the preset's)")
-    parts: list[str] = arg(["kernel", "table2", "model"], "sections to run")
+    parts: list[str] = arg(["kernel", "table2", "model", "decode"], "sections to run (decode: after model)")
     lengths: list[int] = arg([], "sequence lengths (default: the preset's, to 128K)")
     new_tokens: int = arg(256, "tokens generated per point, no eos (the paper: 256)")
     segment: int = arg(2048, "prefill segment of teacher-seg, linear and hybrid")
@@ -98,7 +98,8 @@ def resolve(c: BenchConfig) -> BenchConfig:
     c.out = c.out or os.path.join("bench_results", f"{c.preset}_{c.device.split(':')[0]}{tail}")
     for bad, msg in [(c.dtype not in DTYPES, f"--dtype must be one of {list(DTYPES)}"),
                      (c.device.startswith("cuda") and not torch.cuda.is_available(), "no CUDA device (--device cpu?)"),
-                     (not set(c.parts) <= {"kernel", "table2", "model"}, "--parts takes kernel, table2, model"),
+                     (not set(c.parts) <= {"kernel", "table2", "model", "decode"},
+                      "--parts takes kernel, table2, model, decode"),
                      (min(c.lengths) < 2 or c.new_tokens < 2 or c.repeats < 1 or c.segment < 1,
                       "need lengths >= 2, --new-tokens >= 2, --repeats >= 1, --segment >= 1")]:
         if bad:
@@ -231,7 +232,8 @@ def model_section(c: BenchConfig, started: float, save) -> list:
     for kind, layout, L in specs:
         prev = [p for p in points if (p["kind"], p["layout"]) == (kind, layout)]
         bad = next((p for p in prev if p["status"] != "ok"), None)
-        left = c.budget_s - (time.time() - started) - REPORT_S - decode_s(points) if c.budget_s else math.inf
+        keep = 2.0 * sum(linear_totals(points).values()) if "decode" in c.parts else 0.0     # for decode_section
+        left = c.budget_s - (time.time() - started) - REPORT_S - keep if c.budget_s else math.inf
         pred = predict_s(c, [p for p in prev if p["status"] == "ok"], layout, L)
         spec, t0 = {"config": dataclasses.asdict(c), "kind": kind, "layout": layout, "L": L}, time.time()
         if bad:
@@ -251,13 +253,9 @@ def model_section(c: BenchConfig, started: float, save) -> list:
 
 
 def linear_totals(points: list) -> dict:
+    """{L: total_s} of the linear points; the model section keeps 2 x their sum for decode_section
+    (two rounds without a build or warm-up each: ~1.6 x measured)."""
     return {p["L"]: p["total_s"] for p in points if (p["kind"], p["layout"], p["status"]) == ("length", "linear", "ok")}
-
-
-def decode_s(points: list) -> float:
-    """The time the model section keeps for decode_section: two rounds of the linear points (no build or
-    warm-up each: ~1.6 rounds of their timed runs measured) and a margin."""
-    return 2.0 * sum(linear_totals(points).values())
 
 
 def decode_section(c: BenchConfig, points: list, deadline: float) -> dict:
@@ -265,18 +263,21 @@ def decode_section(c: BenchConfig, points: list, deadline: float) -> dict:
     the lengths interleaved over two rounds (1K, 4K, .., 128K, 1K, ..): a shared VM's speed drifts
     between the section's fresh processes by up to 2x, more than any effect of L, and interleaving
     puts the drift into every length alike. The decode goals are judged on the medians."""
-    lin = linear_totals(points)
-    model, g, ms = build_model(c, "linear"), torch.Generator().manual_seed(c.seed), {L: [] for L in sorted(lin)}
-    text = lambda L: torch.randint(model.cfg.img_context_id + 1, model.cfg.vocab_size, (1, L), generator=g)
-    model.generate(text(8).to(c.device), max_new_tokens=4)                              # warm-up
-    for _ in range(2):
-        if not lin or time.time() + sum(lin.values()) > deadline:
-            break
-        for L in ms:
-            stats = {}
-            model.generate(text(L).to(c.device), max_new_tokens=c.new_tokens, segment=c.segment, stats=stats)
-            ms[L].append(1e3 * stats["decode_s"] / (c.new_tokens - 1))
-    ms = {L: v for L, v in ms.items() if v}
+    lin, ms = linear_totals(points), {}
+    try:
+        if lin and time.time() + sum(lin.values()) <= deadline:
+            model, g = build_model(c, "linear"), torch.Generator().manual_seed(c.seed)
+            text = lambda L: torch.randint(model.cfg.img_context_id + 1, model.cfg.vocab_size, (1, L), generator=g)
+            model.generate(text(8).to(c.device), max_new_tokens=4)                      # warm-up
+            for r in range(2):
+                if r and time.time() + sum(lin.values()) > deadline:
+                    break
+                for L in sorted(lin):
+                    stats = {}
+                    model.generate(text(L).to(c.device), max_new_tokens=c.new_tokens, segment=c.segment, stats=stats)
+                    ms.setdefault(L, []).append(1e3 * stats["decode_s"] / (c.new_tokens - 1))
+    except Exception as e:                              # recorded; the report is still written
+        return {"ms": ms, "median_ms": {}, **failure(e)}
     print("  decode, linear, one process: " + ", ".join(f"L={L} {statistics.median(v):.2f} ms" for L, v in ms.items()))
     return {"ms": ms, "median_ms": {L: statistics.median(v) for L, v in ms.items()}}
 
@@ -571,7 +572,8 @@ def run(c: BenchConfig) -> dict:
     if {"table2", "model"} & set(c.parts):
         metric = "peak_mib" if c.device.startswith("cuda") else "run_mib"
         points = model_section(c, started, save("model_points"))
-        decode = decode_section(c, points, started + c.budget_s - REPORT_S if c.budget_s else math.inf)
+        decode = decode_section(c, points, started + c.budget_s - REPORT_S if c.budget_s else math.inf) \
+            if "decode" in c.parts else None
         res["model"] = {"memory_metric": metric, "points": points, "ratios": compute_ratios(points, metric),
                         "decode": decode, "checks": compute_checks(points, metric, decode)}
     model, kern = res.get("model") or {}, res.get("kernel", {}).get("results", [])

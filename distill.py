@@ -76,8 +76,10 @@ class LoopConfig:
     resume: bool = arg(False, "continue interrupted stages from their checkpoints")
 
     def __post_init__(self):
-        if any(v is not None and v <= 0 for v in (self.steps, self.batch_size, self.lr, self.save_every)):
-            raise ValueError("steps, lr, batch_size and save_every must be positive")
+        bad = [f"--{n.replace('_', '-')} {v}" for n in ("steps", "lr", "batch_size", "save_every")
+               if (v := getattr(self, n)) is not None and v <= 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive")
 
     stage_dir = property(lambda self: os.path.join(self.out, f"stage{self.stage}"))
 

@@ -193,8 +193,9 @@ def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
 class LayerCache:
     """What one layer keeps between calls. Attention: k, v (b, Hkv, T, P), keys after RoPE, in
     buffers of `capacity` tokens when given (grown when passed). Mamba-2: conv_state (b, channels,
-    W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, the layer's input
-    projections stacked once per sequence (by names), so that a decode step makes one matmul each."""
+    W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, what a decode step
+    prepares once per sequence: input projections stacked (key: their names) so that it makes one matmul,
+    and Mamba2Mixer.step's tuple (key "step"). Decoding is inference: the cached values carry no graph."""
 
     def __init__(self, capacity: int | None = None):
         self.capacity, self.length, self.w = capacity, 0, {}
@@ -231,7 +232,7 @@ def project(module: nn.Module, u: torch.Tensor, names: tuple, cache: LayerCache 
     if cache is None or u.shape[1] > 1:
         return [F.linear(u, w) for w in weights]
     if names not in cache.w:
-        cache.w[names] = torch.cat(weights)
+        cache.w[names] = torch.cat(weights).detach()
     return F.linear(u, cache.w[names]).split([w.shape[0] for w in weights], dim=-1)
 
 
@@ -376,20 +377,22 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, u: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """One decode token, (b, 1, d_model) -> (b, 1, H, P): `heads` for L = 1 after a prefill, with the
-        per-sequence work done once (the five projections stacked, the conv taps, A) and the states
-        updated in place (ssd.ssd_step)."""
+        per-sequence work done once (the five projections stacked, the conv taps, A), the SSM state
+        updated in place (ssd.ssd_step) and the conv state moved on by one input; no graph is kept
+        between tokens."""
         cfg, b, state = self.cfg, u.shape[0], cache.ssm_state
         Hkv, H, P = cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
         if "step" not in cache.w:
-            cache.w["step"] = (torch.cat([getattr(self, n).weight for n in ("wv", "wk", "wq", "wg", "wdt")]),
-                               self.conv1d.weight[:, 0], -torch.exp(self.A_log.to(state.dtype)))
+            cache.w["step"] = (torch.cat([getattr(self, n).weight for n in ("wv", "wk", "wq", "wg", "wdt")]).detach(),
+                               self.conv1d.weight[:, 0].detach(), -torch.exp(self.A_log.detach().to(state.dtype)))
         w, taps, A = cache.w["step"]                                                  # taps (channels, W)
         xBC, g, dt = F.linear(u[:, 0], w).split([(2 * Hkv + H) * P, H * P, H], dim=-1)
         window = torch.cat([cache.conv_state, xBC[..., None]], dim=-1)               # (b, channels, W)
-        cache.conv_state = window[..., 1:]
+        cache.conv_state = window[..., 1:].detach()
         x, B, C = F.silu((window * taps).sum(-1) + self.conv1d.bias).split([Hkv * P, Hkv * P, H * P], dim=-1)
         dt = F.softplus(dt.to(A.dtype) + self.dt_bias.to(A.dtype))                     # (b, H)
-        y, _ = ssd_step(x.view(b, Hkv, P), dt, A, B.view(b, Hkv, P), C.view(b, H, P), state)   # (b, H, P)
+        y, state = ssd_step(x.view(b, Hkv, P), dt, A, B.view(b, Hkv, P), C.view(b, H, P), state)   # (b, H, P)
+        cache.ssm_state = state.detach()
         return (self.norm(y) * F.silu(g).view(b, H, P))[:, None]
 
     def forward(self, u, start: int = 0, cache: LayerCache | None = None):

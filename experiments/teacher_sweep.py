@@ -5,7 +5,7 @@ accuracy per category every `eval_every` steps (equal to greedy exact match: an 
 when every answer token and the closing <|im_end|> is the argmax).
 
 Not part of the pipeline: a research tool, kept as it ran. It imports names distill.py no longer
-has (DistillConfig, make_optimizer); run it from its commit: `git checkout dd5ae0d`. The logs of the runs of 2026-11-23 (one H100, 8 variants
+has (DistillConfig, make_optimizer, answer_ce: now teacher/train.py); run it from its commit: `git checkout dd5ae0d`. The logs of the runs of 2026-11-23 (one H100, 8 variants
 at a time, each one process) are in experiments/teacher_sweep_logs/ (sweepK_NAME.log; the variants
 are listed in experiments/README.md with what they showed).
 

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -95,6 +96,7 @@ def main(argv=None) -> dict:
     summary = {"stage": 0, "steps": cfg.steps, "seconds": round(time.time() - t0, 1), "loss_first": losses[0]
                if losses else None, "loss_last": losses[-1] if losses else None, "config": asdict(cfg)}
     if distill.dist_setup()[0] != 0:
+        dist.destroy_process_group()
         return summary
     line = f"stage 0 done in {summary['seconds'] / 60:.1f} min: {cfg.steps} steps"
     line += f", loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses else ""
@@ -105,6 +107,8 @@ def main(argv=None) -> dict:
         line += f", accuracy {100 * result['mean']:.1f}%"
     print(line + f"; the teacher: {os.path.join(cfg.stage_dir, 'model')}")
     write_json(os.path.join(cfg.stage_dir, "summary.json"), summary)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return summary
 
 

@@ -60,7 +60,8 @@ def test_smoke_run_writes_schema_plots_and_summary(tmp_path, capsys):
     assert model["checks"]["linear_saving_32k"] == {**model["checks"]["linear_saving_32k"], "value": None, "pass": None}
     # the decode goals are judged on the interleaved one-process measurement: two rounds per length
     dec = model["decode"]
-    assert sorted(dec["ms"]) == ["128", "64"] and all(len(v) == 2 and all(map(_positive, v)) for v in dec["ms"].values())
+    assert sorted(dec["ms"]) == ["128", "64"]
+    assert all(len(v) == 2 and all(map(_positive, v)) for v in dec["ms"].values())
     med = [sorted(dec["ms"][L])[0] / 2 + sorted(dec["ms"][L])[1] / 2 for L in ("64", "128")]
     assert model["checks"]["linear_decode_flat"]["value"] == pytest.approx(max(med) / min(med) - 1)
     assert model["checks"]["linear_decode_ms"]["value"] == pytest.approx(max(med))

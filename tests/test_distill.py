@@ -156,7 +156,7 @@ def test_kl_known_pair_per_token():
 
 def test_kl_answer_mask_is_the_positions_that_predict_answer_tokens():
     # oracle: logits[t] predict token t+1, so the answer-only KL must see exactly the positions t
-    # with labels[t+1] scored (the positions answer_ce uses), and nothing else
+    # with labels[t+1] scored (the positions teacher.train.answer_ce uses), and nothing else
     batch = data.collate([data.sample_at(data.DataConfig(), "train", 0, i) for i in range(4)])
     b, L = batch["input_ids"].shape
     predicts_answer = torch.zeros(b, L, dtype=torch.bool)
@@ -288,9 +288,10 @@ def test_command_line_errors_are_one_line(tmp_path):
     """Bad input ends with `error: <file>: <problem>` and exit status 1, no traceback."""
     cases = [(["--stage", "1", "--teacher", str(tmp_path / "nope")], "nope: no such checkpoint folder"),
              (["--stage", "2", "--out", str(tmp_path)], "stage1/model: stage 2 starts from this folder"),
-             (["--eval", "checkpoints/teacher", "--eval-data", str(tmp_path / "x.jsonl")], "x.jsonl: no such data file"),
-             (["--steps", "0"], "steps, lr, batch_size and save_every must be positive")]
-    for args, message in cases + [(["-m", "teacher.train", "--lr", "0"], "must be positive")]:
+             (["--eval", "checkpoints/teacher", "--eval-data", str(tmp_path / "x.jsonl")],
+              "x.jsonl: no such data file"),
+             (["--steps", "0"], "--steps 0: must be positive")]
+    for args, message in cases + [(["-m", "teacher.train", "--lr", "0"], "--lr 0.0: must be positive")]:
         args = args if args[0] == "-m" else ["distill.py", *args]
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr[-500:]

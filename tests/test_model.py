@@ -284,6 +284,23 @@ def test_cached_decode_matches_full_forward(layout):
         assert rel(model(full_ids, px, last_only=True), model(full_ids, px)[:, -1:]) < 1e-6
 
 
+def test_mamba_decode_with_autograd_on_keeps_no_graph_between_tokens():
+    """Each decode step's output has its own graph (backward works step by step); the conv and SSM
+    states and the step's cached values carry none, so nothing chains across tokens."""
+    torch.manual_seed(3)
+    cfg = small_cfg(LAYOUTS["linear"])
+    model = perturb_mamba(Model(cfg))
+    ids, px = prompt(cfg)
+    cache = model.new_cache()
+    model(ids, px, cache=cache)
+    for _ in range(3):
+        model(ids[:, -1:], cache=cache).sum().backward()
+        assert model.layers[0].mixer.wo.weight.grad is not None         # reached by the step itself
+    for c in cache.layers:
+        assert c.conv_state.grad_fn is None and c.ssm_state.grad_fn is None
+        assert all(t.grad_fn is None for v in c.w.values() for t in (v if isinstance(v, tuple) else (v,)))
+
+
 def test_cache_size_constant_for_linear_and_linear_growth_for_attention():
     torch.manual_seed(5)
     tiny = dict(vocab_size=32, hidden_size=32, intermediate_size=32, n_heads=2, n_kv_heads=1,
