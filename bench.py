@@ -2,15 +2,15 @@
 
 Sections: model = Fig. 1 (c)(d), time and memory of prefill + 256 generated tokens against length (paper: HoVLE-2.6B,
 103K tokens, RTX 4090, linear 20.6x faster and 75.8% less memory, hybrid 13.5x and 60.2%), with this project's goals;
-table2 = Table 2, 768 image tokens + 32 text, 256 generated, tokens/s; kernel = the SSD operator against causal SDPA.
+table2 = Table 2 (768 image + 32 text tokens, 256 generated); decode = linear decode in one process, lengths
+interleaved (decode_section); kernel = the SSD operator against causal SDPA.
 Layouts: "teacher" prefills in one pass (as HoVLE is usually run); "teacher-seg", "linear" (all Mamba-2) and "hybrid"
 (n_layers // 4 attention layers) --segment tokens at a time, carrying their caches. Random weights and tokens.
-A model point is timed in a fresh process (`--point JSON`) by Model.generate's stats (prefill = prompt + first
-token, decode = the rest). Its memory comes from one more run in a second fresh process: CUDA peak allocated
-(weights included, as the paper); CPU peak RSS above the post-build RSS, with glibc mapping every block of 64 KiB
-or more so that RSS follows the live tensors (with glibc's dynamic threshold one point varied from 18 to 48 MiB
-between identical runs; mapping makes prefill up to 2.5x slower, hence not timed). Failures, OOM and timeouts are
-recorded and the run goes on; a point predicted to end past --budget-s is "skipped (budget)".
+A model point is timed in a fresh process (`--point JSON`) by Model.generate's stats (prefill = prompt + first token,
+decode = the rest). Its memory comes from one more run in a second fresh process: CUDA peak allocated (weights
+included, as the paper); CPU peak RSS above the post-build RSS, with glibc mapping every block of 64 KiB or more so
+that RSS follows the live tensors (glibc's dynamic threshold: 18-48 MiB for one point; mapping slows prefill up to
+2.5x: not timed). Failures (OOM, timeouts) are recorded; one predicted to pass --budget-s is "skipped (budget)".
 
 Run:  python bench.py           # tiny model, CPU, L 1K..128K, teacher as far as the budget allows; < 10 min
       python bench.py --smoke   # tiny sizes, points in this process (memory only rough): seconds (the test)
