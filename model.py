@@ -193,9 +193,9 @@ def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
 class LayerCache:
     """What one layer keeps between calls. Attention: k, v (b, Hkv, T, P), keys after RoPE, in
     buffers of `capacity` tokens when given (grown when passed). Mamba-2: conv_state (b, channels,
-    W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, what a decode step
-    prepares once per sequence: input projections stacked (key: their names) so that it makes one matmul,
-    and Mamba2Mixer.step's tuple (key "step"). Decoding is inference: the cached values carry no graph."""
+    W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, the layer's input
+    projections stacked once per sequence (by names), so that a decode step makes one matmul each.
+    Decoding is inference: the cached values carry no graph."""
 
     def __init__(self, capacity: int | None = None):
         self.capacity, self.length, self.w = capacity, 0, {}
@@ -297,6 +297,7 @@ class Mamba2Mixer(nn.Module):
     """
     INHERITED = ("wq", "wk", "wv", "wo")
     NEW = ("conv1d", "wdt", "dt_bias", "A_log", "norm", "wg")
+    IN_PROJ = ("wv", "wk", "wq", "wg", "wdt")                 # -> x, B, C, the gate, dt: stacked in decode
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -362,7 +363,7 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and cache.ssm_state is not None and L == 1 and gate:
             return self.step(u, cache)
         Hkv, P = cfg.n_kv_heads, cfg.head_dim
-        x, B, C, g, dt = project(self, u, ("wv", "wk", "wq", "wg", "wdt"), cache)
+        x, B, C, g, dt = project(self, u, self.IN_PROJ, cache)
         x, B, C = self.conv(torch.cat([x, B, C], dim=-1), cache).split([Hkv * P, Hkv * P, cfg.n_heads * P], dim=-1)
         x, B, C = x.view(b, L, Hkv, P), B.view(b, L, Hkv, P), C.view(b, L, -1, P)   # N = P
         ct = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -376,21 +377,18 @@ class Mamba2Mixer(nn.Module):
         return self.norm(y.to(u.dtype)) * F.silu(g).view(y.shape) if gate else y       # (b, L, H, P)
 
     def step(self, u: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        """One decode token, (b, 1, d_model) -> (b, 1, H, P): `heads` for L = 1 after a prefill, with the
-        per-sequence work done once (the five projections stacked, the conv taps, A), the SSM state
-        updated in place (ssd.ssd_step) and the conv state moved on by one input; no graph is kept
-        between tokens."""
+        """One decode token, (b, 1, d_model) -> (b, 1, H, P): `heads` for L = 1 after a prefill, with
+        the five projections as one stacked matmul (`project`), the conv as one window, the SSM state
+        updated in place (ssd.ssd_step); no graph is kept between tokens."""
         cfg, b, state = self.cfg, u.shape[0], cache.ssm_state
         Hkv, H, P = cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
-        if "step" not in cache.w:
-            cache.w["step"] = (torch.cat([getattr(self, n).weight for n in ("wv", "wk", "wq", "wg", "wdt")]).detach(),
-                               self.conv1d.weight[:, 0].detach(), -torch.exp(self.A_log.detach().to(state.dtype)))
-        w, taps, A = cache.w["step"]                                                  # taps (channels, W)
-        xBC, g, dt = F.linear(u[:, 0], w).split([(2 * Hkv + H) * P, H * P, H], dim=-1)
-        window = torch.cat([cache.conv_state, xBC[..., None]], dim=-1)               # (b, channels, W)
+        x, B, C, g, dt = project(self, u, self.IN_PROJ, cache)                        # one stacked matmul
+        window = torch.cat([cache.conv_state, torch.cat([x, B, C], dim=-1).transpose(1, 2)], dim=-1)  # (b, ch, W)
         cache.conv_state = window[..., 1:].detach()
-        x, B, C = F.silu((window * taps).sum(-1) + self.conv1d.bias).split([Hkv * P, Hkv * P, H * P], dim=-1)
-        dt = F.softplus(dt.to(A.dtype) + self.dt_bias.to(A.dtype))                     # (b, H)
+        x, B, C = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias).split(
+            [Hkv * P, Hkv * P, H * P], dim=-1)
+        A = -torch.exp(self.A_log.to(state.dtype))                                    # (H,)
+        dt = F.softplus(dt[:, 0].to(A.dtype) + self.dt_bias.to(A.dtype))               # (b, H)
         y, state = ssd_step(x.view(b, Hkv, P), dt, A, B.view(b, Hkv, P), C.view(b, H, P), state)   # (b, H, P)
         cache.ssm_state = state.detach()
         return (self.norm(y) * F.silu(g).view(b, H, P))[:, None]
