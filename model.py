@@ -16,7 +16,7 @@ Parameter names follow HoVLE's (convert.py maps them): vision.{patch_embedding, 
 pixel_shuffle_proj}, embed_tokens, layers.{i}.{attention_norm, mixer, ffn_norm, feed_forward.w1/w2/w3},
 norm, lm_head (untied).
 
-Run:  python model.py      # parameter counts, cached decode against the full forward"""
+Tests: tests/test_model.py (cached and segment-wise decoding against the full forward, placements, init)."""
 from __future__ import annotations
 
 import dataclasses
@@ -573,26 +573,3 @@ def _init_(p: torch.Tensor, fn, generator: torch.Generator | None = None) -> Non
     t = torch.empty(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
     fn(t)
     p.copy_(t)
-
-
-def main():
-    torch.manual_seed(0)
-    base = ModelConfig()
-    ids = torch.randint(base.img_context_id + 1, base.vocab_size, (2, 96))
-    ids[:, 8:8 + base.image_tokens] = base.img_context_id
-    px = torch.randn(2, 3, base.image_size, base.image_size)
-    print(f"tiny default ({base.image_tokens} image tokens per image); prefill 88 tokens, then 8 decode steps")
-    print(f"{'layout':<22}{'params':>11}{'cache KiB':>11}{'decode vs full forward':>24}")
-    for name, n_attn in (("teacher", 8), ("linear", 0), ("hybrid (2 attention)", 2)):
-        model, cache = Model(base.replace(layers=make_layers(base.n_layers, n_attn))).eval(), None
-        with torch.no_grad():
-            cache = model.new_cache()
-            parts = [model(ids[:, :88], px, cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(88, 96)]
-            full = model(ids, px)
-        err = ((torch.cat(parts, 1) - full).norm() / full.norm()).item()
-        print(f"{name:<22}{sum(p.numel() for p in model.parameters()):>11,}{cache.nbytes() / 1024:>11.1f}"
-              f"{err:>17.1e} rel. err")
-
-
-if __name__ == "__main__":
-    main()

@@ -33,11 +33,10 @@ loses precision at long L):
     4. state to output:  Y_off[i] = exp(cs_i) H_k C_i
 Reference: state-spaces/mamba `mamba_ssm/modules/ssd_minimal.py` (the same four steps).
 
-Run:  python ssd.py     # the implementations against the token loop: relative errors
+Tests: tests/test_ssd.py checks every implementation here against ssd_naive in float64
+      (python -m pytest tests/test_ssd.py -q).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -195,45 +194,3 @@ def ssd_step(x, dt, A, B, C, state, D=None):
     if D is not None:
         y = y + D.to(ct)[:, None] * per_head(x.to(ct), H, 1)
     return y.to(x.dtype), state
-
-
-# ----------------------------------------------------------------------------------------------
-# Test inputs and the self-check
-
-def random_inputs(b=2, L=100, H=4, P=8, G=2, N=16, dtype=torch.float32, device="cpu", seed=0,
-                  with_D=True, with_state=True, Hx=None, Gc=None):
-    """Random SSD inputs in realistic ranges: dt = softplus(z - 3) (~0.05), A ~ -U(1, 16)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)
-    x = r(b, L, Hx or H, P)
-    dt = F.softplus(r(b, L, H) - 3.0)
-    A = -torch.empty(H).uniform_(1.0, 16.0, generator=g)
-    B, C = r(b, L, G, N) / math.sqrt(N), r(b, L, Gc or G, N) / math.sqrt(N)
-    D = r(H) if with_D else None
-    h0 = r(b, H, P, N) if with_state else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-    return tuple(cast(t) for t in (x, dt, A, B, C, D, h0))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def main():
-    x, dt, A, B, C, D, h0 = random_inputs(b=2, L=200, H=4, P=16, G=2, N=16, dtype=torch.float64, Hx=2)
-    y_ref, h_ref = ssd_naive(x, dt, A, B, C, D, h0)
-    rows = {"chunked float64": ssd_chunked(x, dt, A, B, C, D, h0),
-            "chunked float32": ssd_chunked(*(t.float() for t in (x, dt, A, B, C, D, h0)))}
-    y_pre, s = ssd_chunked(x[:, :150], dt[:, :150], A, B[:, :150], C[:, :150], D, h0)
-    ys = [ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], s, D)[0] for t in range(150, 200)]
-    rows["chunked prefill + step"] = (torch.cat([y_pre, torch.stack(ys, 1)], 1), s)
-    print(f"b=2 L=200 H=4 Hx=G=Gc=2 P=N=16 Q=64, against ssd_naive in float64 (python ssd_triton.py: Triton)")
-    print(f"{'implementation':<24}{'rel err y':>11}{'rel err h':>11}")
-    for name, (y, h) in rows.items():
-        print(f"{name:<24}{rel_err(y, y_ref):>11.2e}{rel_err(h, h_ref):>11.2e}")
-
-
-if __name__ == "__main__":
-    main()

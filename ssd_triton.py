@@ -32,8 +32,8 @@ x, dt, B, C, dy passed in (non-contiguous inputs are read in place); L need not 
 Anchors (same decomposition, different code): state-spaces/mamba mamba_ssm/ops/triton/ssd_chunk_state.py,
 ssd_state_passing.py, ssd_chunk_scan.py; flash-linear-attention chunk_simple_gla.
 
-Run:  TRITON_INTERPRET=1 python ssd_triton.py   # CPU (Triton's interpreter): errors against ssd.py
-      python ssd_triton.py                      # on a CUDA machine
+Tests: tests/test_ssd_triton.py (forward, every step and the gradients against float64 references; on
+the CPU under TRITON_INTERPRET=1, which tests/conftest.py sets) and tests/test_ssd_gpu.py (CUDA, HoVLE's shapes).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssd import check_inputs, random_inputs, rel_err, ssd_chunked, ssd_naive
+from ssd import check_inputs
 
 MAX_BLOCK_P = 64                                     # P tile of the per-chunk kernels (tests lower it)
 
@@ -347,57 +347,3 @@ def ssd_triton(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     h0 = None if initial_state is None else initial_state.float().contiguous()
     D = None if D is None else D.contiguous()
     return _SSDTriton.apply(x, dt, A.contiguous(), B, C, D, h0, int(chunk_size))
-
-
-# Step-wise entry points (forward only), to compare with ssd.chunk_states / pass_states / chunk_outputs.
-
-def chunk_states_triton(x, dt, A, B, chunk_size=64):
-    """Step 2: the chunk states S (b, c, H, P, N) float32 and cs_last (b, c, H); c = ceil(L / Q), Q the
-    chunk size rounded up to a power of two >= 16."""
-    check_inputs(x, dt, A, B, B)
-    _check_device(x)
-    return _states(x, B, dt, A.contiguous(), _Sizes(x, dt, B, B, chunk_size))
-
-
-def pass_states_triton(S, cs_last, initial_state=None):
-    """Step 3: the state entering every chunk (b, c, H, P, N) and the final state (b, H, P, N)."""
-    _check_device(S)
-    return _pass(S.float().contiguous().clone(), cs_last.float().contiguous(), initial_state)
-
-
-def chunk_outputs_triton(x, dt, A, B, C, H_in, D=None, chunk_size=64):
-    """Steps 1 + 4 (+ D x): y (b, L, H, P) from H_in (b, c, H, P, N), the state entering each chunk."""
-    check_inputs(x, dt, A, B, C, D)
-    _check_device(x)
-    return _outputs(x, dt, A.contiguous(), B, C, None if D is None else D.contiguous(),
-                    H_in.float().contiguous(), _Sizes(x, dt, B, C, chunk_size))
-
-
-def main():
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        print("No CUDA device and TRITON_INTERPRET is not 1: run  TRITON_INTERPRET=1 python ssd_triton.py")
-        return
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    args = random_inputs(b=2, L=200, H=4, P=16, G=2, N=16, dtype=torch.float64, Hx=2, Gc=4)
-    y_ref, h_ref = ssd_naive(*args)
-    ref = [t.clone().requires_grad_() for t in args]
-    lo = [t.float().to(dev).requires_grad_() for t in args]
-    g = torch.Generator().manual_seed(1)
-    wy, wh = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(h_ref.shape, generator=g,
-                                                                                      dtype=torch.float64)
-    y64, h64 = ssd_chunked(*ref, chunk_size=64)
-    ((y64 * wy).sum() + (h64 * wh).sum()).backward()
-    y, h = ssd_triton(*lo, chunk_size=64)
-    ((y.double().cpu() * wy).sum() + (h.double().cpu() * wh).sum()).backward()
-    print(f"ssd_triton ({'CUDA' if dev == 'cuda' else 'CPU, Triton interpreter'}), float32 inputs, "
-          f"b=2 L=200 H=4 Hx=G=2 Gc=4 P=N=16 Q=64; references in float64")
-    print(f"forward against ssd_naive:   y {rel_err(y, y_ref):.2e}   final state {rel_err(h, h_ref):.2e}")
-    names = ("x", "dt", "A", "B", "C", "D", "initial_state")
-    print("gradients against ssd_chunked: " + "  ".join(f"{n} {rel_err(a.grad, r.grad):.2e}"
-                                                       for n, a, r in zip(names, lo, ref)))
-
-
-if __name__ == "__main__":
-    main()

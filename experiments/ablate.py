@@ -19,26 +19,30 @@ Writes one JSON per (table, row, seed) under results/ablation/ (rows already the
 an interrupted or spread-out run completes without redoing work), and results/ablation/tables.md:
 our rows (mean +- std over seeds) beside the paper's, and a verdict per ordering the paper claims.
 
-Run:  python ablate.py                        # all four tables, seeds 0 1 2 (hours on a CPU)
-      python ablate.py --tables 3 --seeds 0   # one table, one seed
-      python ablate.py --report-only          # rebuild tables.md from the JSON
+It drives the library (distill.py, seed.py, model.py) and is not part of it, like the other scripts here.
+
+Run (from the repository root):
+      python experiments/ablate.py                        # all four tables, seeds 0 1 2 (hours on a CPU)
+      python experiments/ablate.py --tables 3 --seeds 0   # one table, one seed
+      python experiments/ablate.py --report-only          # rebuild tables.md from the JSON
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-import distill
-from convert import load_model
-from model import PLACEMENTS, make_layers
-from seed import seed_student
-from utils import arg, git_commit, parse_config, read_json, run_main, write_json
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the library
+import distill  # noqa: E402
+from convert import load_model  # noqa: E402
+from model import PLACEMENTS, make_layers  # noqa: E402
+from seed import seed_student  # noqa: E402
+from utils import arg, git_commit, parse_config, read_json, run_main, write_json  # noqa: E402
 
 CATS = ("exist", "count", "color", "shape", "position", "text", "reason")
 PAPER_METRICS = ("MME", "POPE", "TextVQA", "SQA-I")
@@ -223,7 +227,7 @@ def report(cfg: AblationConfig, n_layers: int) -> dict:
     lines = [f"# Ablations (Tables 3-6) on the bundled teacher\n",
              f"Accuracy in % on {cfg.eval_per_category} test questions per category, mean ± std over the seeds "
              f"found ({', '.join(map(str, have))} of {', '.join(map(str, cfg.seeds))}; the column `seeds` counts "
-             f"them per row); written by `python ablate.py`.\n"]
+             f"them per row); written by `python experiments/ablate.py`.\n"]
     for table, by_row in sorted(found.items()):
         lines += [f"\n## Table {table}\n", f"| row | seeds | " + " | ".join(CATS) + " | mean | of teacher | "
                   + " | ".join(f"paper {m}" for m in PAPER_METRICS) + " | layers kept |",

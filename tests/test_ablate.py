@@ -1,4 +1,4 @@
-"""Tests of ablate.py: the whole driver on a tiny teacher (two steps per stage): every row of every
+"""Tests of experiments/ablate.py: the whole driver on a tiny teacher (two steps per stage): every row of every
 table is written, a stage-subset row trains exactly the stages it names, shared students are
 trained once, a second call trains nothing, and the report judges orderings as it says."""
 import os
@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-import ablate
 import data
 import distill
+from experiments import ablate
 from model import Model, ModelConfig
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import ssd
 from ssd import ssd_chunked, ssd_naive, ssd_step
+from ssd_inputs import random_inputs
 
 
 def oracle(x, dt, A, B, C, D=None, h0=None):
@@ -50,7 +51,7 @@ def rel(a, b):
 
 
 def inputs(b=2, L=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, D=True, h0=True, Hx=None, Gc=None):
-    return ssd.random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0,
+    return random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0,
                              Hx=Hx, Gc=Gc)
 
 

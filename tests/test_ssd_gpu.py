@@ -18,7 +18,8 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from ssd import random_inputs, rel_err, ssd_chunked  # noqa: E402
+from ssd import ssd_chunked  # noqa: E402
+from ssd_inputs import random_inputs, rel_err  # noqa: E402
 from ssd_triton import ssd_triton  # noqa: E402
 
 H, P, N = 16, 128, 128  # mmMamba's Mamba-2 mixer: 16 heads, head dim 128, state 128

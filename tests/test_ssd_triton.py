@@ -7,6 +7,7 @@ pytest.importorskip("triton")
 
 import ssd  # noqa: E402
 import ssd_triton as st  # noqa: E402
+from ssd_inputs import random_inputs  # noqa: E402
 from ssd_triton import ssd_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +66,7 @@ def rel(a, b):
 
 
 def inputs(b=2, L=37, H=4, P=20, G=2, N=17, Hx=2, Gc=4, dtype=torch.float64, seed=0, D=True, h0=True):
-    return ssd.random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0,
+    return random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0,
                              Hx=Hx, Gc=Gc)
 
 
@@ -131,11 +132,12 @@ def test_steps_match_ssd_step_functions():
     H_ref, h_ref = ssd.pass_states(S_ref, cs[:, :, -1], h0)
     y_ref = ssd.chunk_outputs(xq, dtq, Bq, Cq, cs, H_ref).reshape(2, c * Q, 4, 20)[:, :45]
     x, dt, A, B, C, D, h0 = on(args)
-    S, cs_last = st.chunk_states_triton(x, dt, A, B, chunk_size=Q)
+    z = st._Sizes(x, dt, B, C, Q)                  # the launchers of ssd_triton, one step each
+    S, cs_last = st._states(x, B, dt, A, z)
     assert S.shape == S_ref.shape and rel(S, S_ref) <= 1e-5 and rel(cs_last, cs[:, :, -1]) <= 1e-6
-    H_in, hT = st.pass_states_triton(S, cs_last, h0)
+    H_in, hT = st._pass(S.clone(), cs_last, h0)    # in place over its first argument
     assert rel(H_in, H_ref) <= 1e-5 and rel(hT, h_ref) <= 1e-5
-    y = st.chunk_outputs_triton(x, dt, A, B, C, H_in, chunk_size=Q)
+    y = st._outputs(x, dt, A, B, C, None, H_in, z)
     assert rel(y, y_ref) <= 1e-5
 
 
