@@ -3,7 +3,8 @@
 Sections: model = Fig. 1 (c)(d), time and memory of prefill + 256 generated tokens against length (paper: HoVLE-2.6B,
 103K tokens, RTX 4090, linear 20.6x faster and 75.8% less memory, hybrid 13.5x and 60.2%), with this project's goals;
 table2 = Table 2 (768 image + 32 text tokens, 256 generated); decode = linear decode in one process, lengths
-interleaved (decode_section); kernel = the SSD operator against causal SDPA.
+interleaved (decode_section); kernel = the SSD operator against causal SDPA. table2 and decode decode through
+torch.compile (--no-compile: eager), the model section's points eagerly.
 Layouts: "teacher" prefills in one pass (as HoVLE is usually run); "teacher-seg", "linear" (all Mamba-2) and "hybrid"
 (n_layers // 4 attention layers) --segment tokens at a time, carrying their caches. Random weights and tokens.
 A model point is timed in a fresh process (`--point JSON`) by Model.generate's stats (prefill = prompt + first token,
@@ -65,6 +66,7 @@ class BenchConfig:
     lengths: list[int] = arg([], "sequence lengths (default: the preset's, to 128K)")
     new_tokens: int = arg(256, "tokens generated per point, no eos (the paper: 256)")
     segment: int = arg(2048, "prefill segment of teacher-seg, linear and hybrid")
+    compile: bool = arg(True, "decode through torch.compile in table2 and decode (Model.generate(compile=True))")
     repeats: int = arg(3, "timed runs per point or kernel (median), fewer once they take --point-budget-s")
     point_budget_s: float = arg(5.0, "stop repeating a point or kernel timing after this many seconds")
     budget_s: float = arg(585.0, "whole run: skip a point predicted to end later (0: no budget)")
@@ -87,7 +89,7 @@ def resolve(c: BenchConfig) -> BenchConfig:
     over = dict(lengths=[103000], parts=["model"], budget_s=0.0, timeout_s=5400.0, repeats=1) if c.long else {}
     if c.smoke:
         over.update(lengths=[64, 128], new_tokens=8, segment=48, repeats=1, budget_s=0.0, table2_image_tokens=64,
-                    threads=1)
+                    threads=1, compile=False)
     c = dataclasses.replace(c, **{k: v for k, v in over.items() if getattr(c, k) == getattr(BenchConfig(), k)})
     if c.preset not in PRESETS:
         raise ValueError(f"--preset must be one of {list(PRESETS)}, got {c.preset!r}")
@@ -97,9 +99,8 @@ def resolve(c: BenchConfig) -> BenchConfig:
     tail = "_long" * c.long + "_smoke" * c.smoke                  # --smoke never overwrites measured results
     c.out = c.out or os.path.join("bench_results", f"{c.preset}_{c.device.split(':')[0]}{tail}")
     for bad, msg in [(c.dtype not in DTYPES, f"--dtype must be one of {list(DTYPES)}"),
+                     (not set(c.parts) <= set(BenchConfig().parts), f"--parts: {BenchConfig().parts}"),
                      (c.device.startswith("cuda") and not torch.cuda.is_available(), "no CUDA device (--device cpu?)"),
-                     (not set(c.parts) <= {"kernel", "table2", "model", "decode"},
-                      "--parts takes kernel, table2, model, decode"),
                      (min(c.lengths) < 2 or c.new_tokens < 2 or c.repeats < 1 or c.segment < 1,
                       "need lengths >= 2, --new-tokens >= 2, --repeats >= 1, --segment >= 1")]:
         if bad:
@@ -156,15 +157,15 @@ def run_point(spec: dict) -> dict:
         ids = torch.cat([text(16), torch.full((1, n_img * cfg.image_tokens), cfg.img_context_id), text(16)], 1)
         px = torch.randn(n_img, 3, cfg.image_size, cfg.image_size, generator=g).to(c.device, DTYPES[c.dtype])
     ids, seg = (text(L) if L else ids).to(c.device), None if layout == "teacher" else c.segment
-    T, cache, runs = ids.shape[1], None, []
+    T, cache, runs, fast = ids.shape[1], None, [], c.compile and L is None and not spec.get("memory")
     # warm-up: two segments, the second as long as the prompt's last one (Triton specialises on lengths)
     W = T if px is not None or T <= (seg or 512) else (seg + (T % seg or seg) if seg else 512)
-    model.generate(ids[:, :W], px, max_new_tokens=min(n, 4), segment=seg)
+    model.generate(ids[:, :W], px, max_new_tokens=min(n, 4), segment=seg, compile=fast)
 
     def run(stats):
         nonlocal cache
         cache = model.new_cache(capacity=T + n)
-        assert model.generate(ids, px, max_new_tokens=n, segment=seg, cache=cache, stats=stats).shape[1] == n
+        assert model.generate(ids, px, n, segment=seg, cache=cache, stats=stats, compile=fast).shape[1] == n
     if spec.get("memory"):
         base, peak = memory_run(lambda: run({}), torch.device(c.device))
         return {"peak_mib": peak / MiB, "baseline_mib": base / MiB, "run_mib": (peak - base) / MiB,
@@ -224,15 +225,14 @@ def predict_s(c: BenchConfig, done: list, layout: str, L: int | None) -> float:
 
 def model_section(c: BenchConfig, started: float, save) -> list:
     """The points in that order (the budget cuts the end); a layout's failure skips its longer lengths."""
-    specs = [("table2", lay, None) for lay in ("teacher", "linear", "hybrid") if "table2" in c.parts]
+    specs, points = [("table2", lay, None) for lay in ("teacher", "linear", "hybrid") if "table2" in c.parts], []
     if "model" in c.parts:
         specs += [("length", "linear", L) for L in c.lengths]
         specs += [("length", lay, L) for L in c.lengths for lay in ("hybrid", "teacher", "teacher-seg")]
-    points = []
     for kind, layout, L in specs:
         prev = [p for p in points if (p["kind"], p["layout"]) == (kind, layout)]
         bad = next((p for p in prev if p["status"] != "ok"), None)
-        keep = 2.0 * sum(linear_totals(points).values()) if "decode" in c.parts else 0.0     # for decode_section
+        keep = 2 * sum(linear_totals(points).values()) + 30 * c.compile if "decode" in c.parts else 0   # decode
         left = c.budget_s - (time.time() - started) - REPORT_S - keep if c.budget_s else math.inf
         pred = predict_s(c, [p for p in prev if p["status"] == "ok"], layout, L)
         spec, t0 = {"config": dataclasses.asdict(c), "kind": kind, "layout": layout, "L": L}, time.time()
@@ -253,8 +253,7 @@ def model_section(c: BenchConfig, started: float, save) -> list:
 
 
 def linear_totals(points: list) -> dict:
-    """{L: total_s} of the linear points; the model section keeps 2 x their sum for decode_section
-    (two rounds without a build or warm-up each: ~1.6 x measured)."""
+    """{L: total_s} of the linear points; decode_section's two rounds take ~1.6x their sum (+ compiling)."""
     return {p["L"]: p["total_s"] for p in points if (p["kind"], p["layout"], p["status"]) == ("length", "linear", "ok")}
 
 
@@ -267,14 +266,15 @@ def decode_section(c: BenchConfig, points: list, deadline: float) -> dict:
     try:
         if lin and time.time() + sum(lin.values()) <= deadline:
             model, g = build_model(c, "linear"), torch.Generator().manual_seed(c.seed)
-            text = lambda L: torch.randint(model.cfg.img_context_id + 1, model.cfg.vocab_size, (1, L), generator=g)
-            model.generate(text(8).to(c.device), max_new_tokens=4)                      # warm-up
+            text = lambda L: torch.randint(model.cfg.img_context_id + 1, model.cfg.vocab_size, (1, L),
+                                           generator=g).to(c.device)
+            model.generate(text(8), max_new_tokens=4, compile=c.compile)                # warm-up (compiles)
             for r in range(2):
                 if r and time.time() + sum(lin.values()) > deadline:
                     break
                 for L in sorted(lin):
                     stats = {}
-                    model.generate(text(L).to(c.device), max_new_tokens=c.new_tokens, segment=c.segment, stats=stats)
+                    model.generate(text(L), None, c.new_tokens, segment=c.segment, stats=stats, compile=c.compile)
                     ms.setdefault(L, []).append(1e3 * stats["decode_s"] / (c.new_tokens - 1))
     except Exception as e:                              # recorded; the report is still written
         return {"ms": ms, "median_ms": {}, **failure(e)}
@@ -327,8 +327,8 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
     """Every kernel x mode x batch x length: median ms of the forward, or of forward + backward of sum(y); a call
     predicted (from the last length: linear, SDPA quadratic) to pass the deadline is skipped. bytes: the inputs
     read + the output written (fwd), 3 x inputs + 2 x output (fwd+bwd); floor: those bytes at the copy bandwidth."""
-    device, mc, modes, rows, last = torch.device(c.device), model_config(c, "linear"), ["fwd", "fwd+bwd"], [], {}
-    modes = modes[:1 + c.backward]
+    device, mc, rows, last = torch.device(c.device), model_config(c, "linear"), [], {}
+    modes = ["fwd", "fwd+bwd"][:1 + c.backward]
     src, dst = (torch.full((1 << (28 if device.type == "cuda" else 26),), v, device=device) for v in (1.0, 0.0))
     bw = 8 * src.numel() / statistics.median(timeit(lambda: dst.copy_(src), device, 5, 1e9))
     del src, dst
@@ -581,8 +581,7 @@ def run(c: BenchConfig) -> dict:
     res["summary"] = "; ".join(s for s in [
         ratio_text(model.get("ratios", []), "speedup"), ratio_text(model.get("ratios", []), "memory_saving"),
         ch and f"checks: {ch.count(True)} pass, {ch.count(False)} fail, {ch.count(None)} not measured",
-        kern and f"{sum(r['status'] == 'ok' for r in kern)} of {len(kern)} kernel timings ok"] if s)
-    res["summary"] = res["summary"] or "nothing measured"
+        kern and f"{sum(r['status'] == 'ok' for r in kern)}/{len(kern)} kernel timings ok"] if s) or "nothing measured"
     res["elapsed_s"], res["plots"] = time.time() - started, make_plots(res, c.out)
     write_json(os.path.join(c.out, "bench.json"), res)
     if os.path.exists(partial):

@@ -521,13 +521,19 @@ class Model(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32, eos_id: int | None = None,
                  temperature: float = 0.0, generator: torch.Generator | None = None, *,
-                 cache: Cache | None = None, segment: int | None = 2048, stats: dict | None = None) -> torch.Tensor:
+                 cache: Cache | None = None, segment: int | None = 2048, stats: dict | None = None,
+                 compile: bool = False) -> torch.Tensor:
         """Prefill the prompt (b, T) (equal-length rows, no padding) in segments, then decode one
         token at a time. temperature 0: greedy, else sampling from softmax(logits / temperature).
         <IMG_CONTEXT> is never generated. Returns the new tokens (b, <= max_new_tokens); stops when
         every row has produced eos_id (rows that finished are padded with eos_id). `stats`, if given,
-        receives prefill_s (the prompt and the first token) and decode_s (the other tokens)."""
+        receives prefill_s (the prompt and the first token) and decode_s (the other tokens).
+        compile: decode steps through torch.compile (inductor fuses a step's few hundred small ops,
+        whose per-call overhead is most of a step on a CPU; the role CUDA graphs play in mamba_ssm's
+        generate). Dynamic shapes: one graph for every cache length, compiled on the first steps
+        (seconds) and kept by dynamo for later calls."""
         b, T = input_ids.shape
+        step = torch.compile(self.forward, dynamic=True) if compile else self
         cache = cache if cache is not None else self.new_cache(capacity=T + max_new_tokens)
         clock = lambda: (torch.cuda.synchronize() if input_ids.is_cuda else None, time.perf_counter())[1]
         t0 = clock()
@@ -547,7 +553,7 @@ class Model(nn.Module):
                 t1 = clock()
             if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break
-            logits = self(tok[:, None], cache=cache)[:, -1]
+            logits = step(tok[:, None], cache=cache)[:, -1]
         if stats is not None and out:
             stats.update(prefill_s=t1 - t0, decode_s=clock() - t1)
         return torch.stack(out, dim=1) if out else input_ids.new_zeros(b, 0)

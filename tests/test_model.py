@@ -3,6 +3,7 @@ generation, checkpoints. Small configs only (2 shared CPU cores)."""
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -282,6 +283,23 @@ def test_cached_decode_matches_full_forward(layout):
         assert rel(torch.cat(parts, 1), full) <= 1e-5
         # last_only keeps the last position
         assert rel(model(full_ids, px, last_only=True), model(full_ids, px)[:, -1:]) < 1e-6
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("cc")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_decode_matches_full_forward_and_eager_generate():
+    """The decode step through torch.compile (what generate(compile=True) runs), hybrid layout (both
+    mixers), against the full forward; then generate's tokens with and without compile."""
+    torch.manual_seed(3)
+    cfg = small_cfg(LAYOUTS["hybrid"])
+    model = perturb_mamba(Model(cfg)).eval()
+    ids, px = prompt(cfg)
+    more = torch.randint(IMG + 1, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    full_ids, step = torch.cat([ids, more], 1), torch.compile(model.forward, dynamic=True)
+    with torch.no_grad():
+        cache = model.new_cache()
+        parts = [model(ids, px, cache=cache)] + [step(full_ids[:, t:t + 1], cache=cache) for t in range(12, 21)]
+        assert rel(torch.cat(parts, 1), model(full_ids, px)) <= 1e-5
+    assert torch.equal(model.generate(ids, px, 8, compile=True), model.generate(ids, px, 8))
 
 
 def test_mamba_decode_with_autograd_on_keeps_no_graph_between_tokens():
