@@ -4,7 +4,8 @@ Sections: model = Fig. 1 (c)(d), time and memory of prefill + 256 generated toke
 103K tokens, RTX 4090, linear 20.6x faster and 75.8% less memory, hybrid 13.5x and 60.2%), with this project's goals;
 table2 = Table 2 (768 image + 32 text tokens, 256 generated); decode = linear decode in one process, lengths
 interleaved (decode_section); kernel = the SSD operator against causal SDPA. table2 and decode decode through
-torch.compile (--no-compile: eager), the model section's points eagerly.
+torch.compile (--no-compile: eager; compiling takes 20-30 s per process, which the budget does not predict for
+table2), the model section's points eagerly.
 Layouts: "teacher" prefills in one pass (as HoVLE is usually run); "teacher-seg", "linear" (all Mamba-2) and "hybrid"
 (n_layers // 4 attention layers) --segment tokens at a time, carrying their caches. Random weights and tokens.
 A model point is timed in a fresh process (`--point JSON`) by Model.generate's stats (prefill = prompt + first token,

@@ -16,7 +16,8 @@ Parameter names follow HoVLE's (convert.py maps them): vision.{patch_embedding, 
 pixel_shuffle_proj}, embed_tokens, layers.{i}.{attention_norm, mixer, ffn_norm, feed_forward.w1/w2/w3},
 norm, lm_head (untied).
 
-Tests: tests/test_model.py (cached and segment-wise decoding against the full forward, placements, init)."""
+Tests: python -m pytest -q tests/test_model.py (cached, segment-wise and compiled decoding against the full
+forward, placements, init)."""
 from __future__ import annotations
 
 import dataclasses

@@ -32,8 +32,9 @@ x, dt, B, C, dy passed in (non-contiguous inputs are read in place); L need not 
 Anchors (same decomposition, different code): state-spaces/mamba mamba_ssm/ops/triton/ssd_chunk_state.py,
 ssd_state_passing.py, ssd_chunk_scan.py; flash-linear-attention chunk_simple_gla.
 
-Tests: tests/test_ssd_triton.py (forward, every step and the gradients against float64 references; on
-the CPU under TRITON_INTERPRET=1, which tests/conftest.py sets) and tests/test_ssd_gpu.py (CUDA, HoVLE's shapes).
+Tests: python -m pytest -q tests/test_ssd_triton.py (forward, every step and the gradients against float64
+references; on the CPU under TRITON_INTERPRET=1, which tests/conftest.py sets) and tests/test_ssd_gpu.py (CUDA,
+HoVLE's shapes).
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ def rel(a, b):
 
 def inputs(b=2, L=37, H=4, P=20, G=2, N=17, Hx=2, Gc=4, dtype=torch.float64, seed=0, D=True, h0=True):
     return random_inputs(b=b, L=L, H=H, P=P, G=G, N=N, dtype=dtype, seed=seed, with_D=D, with_state=h0,
-                             Hx=Hx, Gc=Gc)
+                         Hx=Hx, Gc=Gc)
 
 
 def on(args, dtype=torch.float32):
