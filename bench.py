@@ -46,7 +46,7 @@ try:
 except ImportError:                                     # pragma: no cover
     ssd_triton = None
 
-LAYOUTS = ("teacher", "teacher-seg", "linear", "hybrid")
+LAYOUTS, PARTS = ("teacher", "teacher-seg", "linear", "hybrid"), ("kernel", "table2", "model", "decode")
 TAG = "BENCH_POINT_JSON "                               # the child's result line
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRESETS = {"tiny": dict(device="cpu", dtype="float32", lengths=[1024, 4096, 8192, 32768, 131072]),
@@ -63,7 +63,7 @@ class BenchConfig:
     preset: str = arg("tiny", "tiny: this project's model, CPU, float32; hovle: HoVLE-2.6B shapes, CUDA, bf16")
     device: str = arg("", "device (default: the preset's)")
     dtype: str = arg("", "float32, bfloat16 or float16 (default: the preset's)")
-    parts: list[str] = arg(["kernel", "table2", "model", "decode"], "sections to run (decode: after model)")
+    parts: list[str] = arg(list(PARTS), "sections to run (decode: after model)")
     lengths: list[int] = arg([], "sequence lengths (default: the preset's, to 128K)")
     new_tokens: int = arg(256, "tokens generated per point, no eos (the paper: 256)")
     segment: int = arg(2048, "prefill segment of teacher-seg, linear and hybrid")
@@ -100,7 +100,7 @@ def resolve(c: BenchConfig) -> BenchConfig:
     tail = "_long" * c.long + "_smoke" * c.smoke                  # --smoke never overwrites measured results
     c.out = c.out or os.path.join("bench_results", f"{c.preset}_{c.device.split(':')[0]}{tail}")
     for bad, msg in [(c.dtype not in DTYPES, f"--dtype must be one of {list(DTYPES)}"),
-                     (not set(c.parts) <= set(BenchConfig().parts), f"--parts: {BenchConfig().parts}"),
+                     (not set(c.parts) <= set(PARTS), f"--parts takes {', '.join(PARTS)}"),
                      (c.device.startswith("cuda") and not torch.cuda.is_available(), "no CUDA device (--device cpu?)"),
                      (min(c.lengths) < 2 or c.new_tokens < 2 or c.repeats < 1 or c.segment < 1,
                       "need lengths >= 2, --new-tokens >= 2, --repeats >= 1, --segment >= 1")]:
