@@ -233,7 +233,7 @@ def model_section(c: BenchConfig, started: float, save) -> list:
     for kind, layout, L in specs:
         prev = [p for p in points if (p["kind"], p["layout"]) == (kind, layout)]
         bad = next((p for p in prev if p["status"] != "ok"), None)
-        keep = 2 * sum(linear_totals(points).values()) + 30 * c.compile if "decode" in c.parts else 0   # decode
+        keep = sum(linear_totals(points).values()) + 10 + 30 * c.compile if "decode" in c.parts else 0   # decode
         left = c.budget_s - (time.time() - started) - REPORT_S - keep if c.budget_s else math.inf
         pred = predict_s(c, [p for p in prev if p["status"] == "ok"], layout, L)
         spec, t0 = {"config": dataclasses.asdict(c), "kind": kind, "layout": layout, "L": L}, time.time()
@@ -254,29 +254,29 @@ def model_section(c: BenchConfig, started: float, save) -> list:
 
 
 def linear_totals(points: list) -> dict:
-    """{L: total_s} of the linear points; decode_section's two rounds take ~1.6x their sum (+ compiling)."""
+    """{L: total_s} of the linear points; decode_section takes about their sum (prefills), 10 s and compiling."""
     return {p["L"]: p["total_s"] for p in points if (p["kind"], p["layout"], p["status"]) == ("length", "linear", "ok")}
 
 
 def decode_section(c: BenchConfig, points: list, deadline: float) -> dict:
-    """Linear decode ms per token at the lengths the model section measured, all in this one process,
-    the lengths interleaved over two rounds (1K, 4K, .., 128K, 1K, ..): a shared VM's speed drifts
-    between the section's fresh processes by up to 2x, more than any effect of L, and interleaving
-    puts the drift into every length alike. The decode goals are judged on the medians."""
-    lin, ms = linear_totals(points), {}
+    """Linear decode ms/token at the model section's lengths in this one process: each length prefilled once into
+    its own cache, then 16 rounds of 32 tokens at each length in turn (1K, 4K, .., 128K, 1K, ..): a VM's speed drifts
+    up to 2x in minutes, more than L does; short interleaved rounds share it. Goals use the medians over rounds."""
+    lin, ms, rounds, k = linear_totals(points), {}, 16, 32
     try:
         if lin and time.time() + sum(lin.values()) <= deadline:
             model, g = build_model(c, "linear"), torch.Generator().manual_seed(c.seed)
             text = lambda L: torch.randint(model.cfg.img_context_id + 1, model.cfg.vocab_size, (1, L),
                                            generator=g).to(c.device)
             model.generate(text(8), max_new_tokens=4, compile=c.compile)                # warm-up (compiles)
-            for r in range(2):
-                if r and time.time() + sum(lin.values()) > deadline:
-                    break
-                for L in sorted(lin):
+            caches = {L: model.new_cache() for L in sorted(lin)}
+            for L, cache in caches.items():
+                model.prefill(text(L), cache=cache, segment=c.segment)
+            for r in range(rounds):
+                for L, cache in (caches.items() if not r or time.time() < deadline else ()):
                     stats = {}
-                    model.generate(text(L), None, c.new_tokens, segment=c.segment, stats=stats, compile=c.compile)
-                    ms.setdefault(L, []).append(1e3 * stats["decode_s"] / (c.new_tokens - 1))
+                    model.generate(text(1), None, k + 1, cache=cache, stats=stats, compile=c.compile)
+                    ms.setdefault(L, []).append(1e3 * stats["decode_s"] / k)
     except Exception as e:                              # recorded; the report is still written
         return {"ms": ms, "median_ms": {}, **failure(e)}
     print("  decode, linear, one process: " + ", ".join(f"L={L} {statistics.median(v):.2f} ms" for L, v in ms.items()))

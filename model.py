@@ -140,7 +140,7 @@ class FeedForward(nn.Module):
 
     def forward(self, u, cache=None):
         gate, up = project(self, u, ("w1", "w3"), cache)
-        return self.w2(F.silu(gate) * up)
+        return project(self, F.silu(gate) * up, ("w2",), cache)[0]
 
 
 class VisionStem(nn.Module):
@@ -194,8 +194,9 @@ def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
 class LayerCache:
     """What one layer keeps between calls. Attention: k, v (b, Hkv, T, P), keys after RoPE, in
     buffers of `capacity` tokens when given (grown when passed). Mamba-2: conv_state (b, channels,
-    W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, the layer's input
-    projections stacked once per sequence (by names), so that a decode step makes one matmul each.
+    W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, the layer's
+    projections stacked and transposed once per sequence (by names, `project`): a decode step makes
+    one matmul per group.
     Decoding is inference: the cached values carry no graph."""
 
     def __init__(self, capacity: int | None = None):
@@ -220,21 +221,24 @@ class LayerCache:
 
 
 class Cache:
-    """Per-layer caches and the number of tokens seen (the RoPE offset of the next token)."""
+    """Per-layer caches, the number of tokens seen (the RoPE offset of the next token), and `w`
+    for lm_head (as LayerCache.w)."""
 
     def __init__(self, layers: list):
-        self.layers, self.length = layers, 0
+        self.layers, self.length, self.w = layers, 0, {}
         self.nbytes = lambda: sum(c.nbytes() for c in self.layers)
 
 
-def project(module: nn.Module, u: torch.Tensor, names: tuple, cache: LayerCache | None) -> list:
-    """[u W^T for module's Linear layers `names`]: one matmul of the stacked weights in a decode step."""
+def project(module: nn.Module, u: torch.Tensor, names: tuple, cache) -> list:
+    """[u W^T for module's Linear layers `names`]. In an inference decode step (one token, a cache,
+    no autograd) one matmul u @ W_cat^T, the weights stacked and transposed to a contiguous
+    (d_in, d_out) copy once per sequence (cache.w): on a CPU ~3x faster than F.linear's u W^T."""
     weights = [getattr(module, n).weight for n in names]
-    if cache is None or u.shape[1] > 1:
+    if cache is None or u.shape[1] > 1 or torch.is_grad_enabled():
         return [F.linear(u, w) for w in weights]
     if names not in cache.w:
-        cache.w[names] = torch.cat(weights).detach()
-    return F.linear(u, cache.w[names]).split([w.shape[0] for w in weights], dim=-1)
+        cache.w[names] = torch.cat(weights).t().contiguous().detach()                # (d_in, sum of d_out)
+    return (u @ cache.w[names]).split([w.shape[0] for w in weights], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +281,7 @@ class Attention(nn.Module):
         return o.transpose(1, 2)                                               # (b, L, H, P)
 
     def forward(self, u, start: int = 0, cache: LayerCache | None = None):
-        return self.wo(self.heads(u, start, cache).flatten(2))
+        return project(self, self.heads(u, start, cache).flatten(2), ("wo",), cache)[0]
 
 
 class Mamba2Mixer(nn.Module):
@@ -395,7 +399,7 @@ class Mamba2Mixer(nn.Module):
         return (self.norm(y) * F.silu(g).view(b, H, P))[:, None]
 
     def forward(self, u, start: int = 0, cache: LayerCache | None = None):
-        return self.wo(self.heads(u, start, cache).flatten(2))
+        return project(self, self.heads(u, start, cache).flatten(2), ("wo",), cache)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +489,7 @@ class Model(nn.Module):
         hidden.append(h)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        logits = self.lm_head(self.norm(h[:, -1:] if last_only else h))
+        logits = project(self, self.norm(h[:, -1:] if last_only else h), ("lm_head",), cache)[0]
         return (logits, hidden) if return_hidden else logits
 
     def mixer_inputs(self, input_ids, pixel_values=None, image_embeds=None) -> list:
