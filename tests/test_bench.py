@@ -62,8 +62,12 @@ def test_smoke_run_writes_schema_plots_and_summary(tmp_path, capsys):
     dec = model["decode"]
     assert sorted(dec["ms"]) == ["128", "64"]
     assert all(len(v) == 16 and all(map(_positive, v)) for v in dec["ms"].values())
-    med = [sum(sorted(dec["ms"][L])[7:9]) / 2 for L in ("64", "128")]                # median of 16
-    assert model["checks"]["linear_decode_flat"]["value"] == pytest.approx(max(med) / min(med) - 1)
+    median16 = lambda v: sum(sorted(v)[7:9]) / 2
+    med = [median16(dec["ms"][L]) for L in ("64", "128")]
+    t64, t128 = dec["ms"]["64"], dec["ms"]["128"]     # flatness: each time over its round's mean, median over rounds
+    rel = [median16([2 * a / (a + b) for a, b in zip(t64, t128)]), median16([2 * b / (a + b) for a, b in zip(t64, t128)])]
+    assert [dec["relative"][L] for L in ("64", "128")] == pytest.approx(rel)
+    assert model["checks"]["linear_decode_flat"]["value"] == pytest.approx(max(rel) / min(rel) - 1)
     assert model["checks"]["linear_decode_ms"]["value"] == pytest.approx(max(med))
     assert "linear decode in one process" in (tmp_path / "table.txt").read_text()
     t2 = model["checks"]["table2_speedup"]
