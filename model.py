@@ -195,8 +195,8 @@ class LayerCache:
     """What one layer keeps between calls. Attention: k, v (b, Hkv, T, P), keys after RoPE, in
     buffers of `capacity` tokens when given (grown when passed). Mamba-2: conv_state (b, channels,
     W-1), the last conv inputs, and ssm_state (b, H, P, N) in float32. Both: `w`, the layer's
-    projections stacked and transposed once per sequence (by names, `project`): a decode step makes
-    one matmul per group.
+    projections stacked and transposed once per sequence (by names, `project`; not in nbytes): a
+    decode step makes one matmul per group.
     Decoding is inference: the cached values carry no graph."""
 
     def __init__(self, capacity: int | None = None):
@@ -231,13 +231,15 @@ class Cache:
 
 def project(module: nn.Module, u: torch.Tensor, names: tuple, cache) -> list:
     """[u W^T for module's Linear layers `names`]. In an inference decode step (one token, a cache,
-    no autograd) one matmul u @ W_cat^T, the weights stacked and transposed to a contiguous
-    (d_in, d_out) copy once per sequence (cache.w): on a CPU ~3x faster than F.linear's u W^T."""
+    no autograd) one matmul u @ W_cat^T, the weights stacked once per sequence into cache.w: on a
+    CPU a contiguous transposed copy (its one-row products are ~3x faster than F.linear's u W^T), on
+    a GPU a view where nothing is stacked. A cache must not outlive a change of the weights."""
     weights = [getattr(module, n).weight for n in names]
     if cache is None or u.shape[1] > 1 or torch.is_grad_enabled():
         return [F.linear(u, w) for w in weights]
-    if names not in cache.w:
-        cache.w[names] = torch.cat(weights).t().contiguous().detach()                # (d_in, sum of d_out)
+    if names not in cache.w:                          # W_cat^T: (d_model, or I for w2, x the outputs' sum)
+        w = (torch.cat(weights) if len(weights) > 1 else weights[0]).detach().t()
+        cache.w[names] = w.contiguous() if w.device.type == "cpu" else w
     return (u @ cache.w[names]).split([w.shape[0] for w in weights], dim=-1)
 
 
