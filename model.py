@@ -237,7 +237,7 @@ def project(module: nn.Module, u: torch.Tensor, names: tuple, cache) -> list:
     weights = [getattr(module, n).weight for n in names]
     if cache is None or u.shape[1] > 1 or torch.is_grad_enabled():
         return [F.linear(u, w) for w in weights]
-    if names not in cache.w:                          # W_cat^T: (d_model, or I for w2, x the outputs' sum)
+    if names not in cache.w:                         # W_cat^T (d_in, d_out summed): d_in = d_model, I for w2
         w = (torch.cat(weights) if len(weights) > 1 else weights[0]).detach().t()
         cache.w[names] = w.contiguous() if w.device.type == "cpu" else w
     return (u @ cache.w[names]).split([w.shape[0] for w in weights], dim=-1)
