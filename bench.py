@@ -1,16 +1,13 @@
 """Speed and memory of the teacher, mmMamba-linear and mmMamba-hybrid, and of the SSD operator (arXiv 2502.13145).
 
-Sections: model = Fig. 1 (c)(d), time and memory of prefill + 256 generated tokens against length (paper: HoVLE-2.6B,
-103K tokens, linear 20.6x faster, 75.8% less memory; hybrid 13.5x, 60.2%); table2 = Table 2 (768 image + 32 text
-tokens, 256 generated); decode = linear decode, lengths interleaved in one process; kernel = the SSD operator against
-causal SDPA. table2 and decode run through torch.compile (--no-compile: eager), the model section's points eagerly.
+Sections: model = Fig. 1 (c)(d), time and memory of prefill + 256 generated tokens against length (the paper: PAPER);
+table2 = Table 2 (768 image + 32 text tokens, 256 generated); decode = linear decode, lengths interleaved in one
+process; kernel = the SSD operator against causal SDPA. table2, decode: torch.compile (--no-compile: eager).
 Layouts: "teacher" prefills in one pass (as HoVLE is usually run); "teacher-seg", "linear" (all Mamba-2) and "hybrid"
 (n_layers // 4 attention layers) --segment tokens at a time, carrying their caches. Random weights and tokens.
 A model point is timed in a fresh process (`--point JSON`) by Model.generate's stats (prefill = prompt + first token,
-decode = the rest). Its memory comes from one more run in a second fresh process: CUDA peak allocated (weights
-included, as the paper); CPU peak RSS above the post-build RSS, with glibc mapping every block of 64 KiB or more so
-that RSS follows the live tensors (else glibc's threshold grows to 18-48 MiB; mapping slows prefill up to 2.5x: not
-timed). Failures (OOM, timeouts) are recorded; one predicted to pass --budget-s is "skipped (budget)".
+decode = the rest), its memory (CUDA peak allocated, weights included, as the paper; CPU peak RSS above the post-build
+RSS) in another. Failures (OOM, timeouts) are recorded; one predicted to pass --budget-s is "skipped (budget)".
 
 Run:  python bench.py           # tiny model, CPU, L 1K..128K, teacher as far as the budget allows; < 10 min
       python bench.py --smoke   # tiny sizes, points in this process (memory only rough): seconds (the test)
@@ -189,7 +186,8 @@ def run_point_safe(spec: dict, memory: bool = True) -> dict:
 
 
 def run_point_subprocess(spec: dict, timeout_s: float) -> dict:
-    """Times in a fresh interpreter, then memory in another one with glibc's mmap threshold at 64 KiB."""
+    """Times in a fresh interpreter, then memory in another one with glibc mapping every block >= 64 KiB so that RSS
+    follows the live tensors (else its threshold grows to 18-48 MiB; mapping slows prefill up to 2.5x: not timed)."""
     t0, out = time.time(), {}
     for extra, env in (({}, {}), ({"memory": True}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})):
         cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps({**spec, **extra})]
@@ -231,7 +229,7 @@ def model_section(c: BenchConfig, started: float, save) -> list:
     for kind, layout, L in specs:
         prev = [p for p in points if (p["kind"], p["layout"]) == (kind, layout)]
         bad = next((p for p in prev if p["status"] != "ok"), None)
-        keep = sum(linear_totals(points).values()) + 10 + 30 * c.compile if "decode" in c.parts else 0   # decode
+        keep = decode_reserve_s(c, points) * ("decode" in c.parts)
         left = c.budget_s - (time.time() - started) - REPORT_S - keep if c.budget_s else math.inf
         pred = predict_s(c, [p for p in prev if p["status"] == "ok"], layout, L)
         spec, t0 = {"config": dataclasses.asdict(c), "kind": kind, "layout": layout, "L": L}, time.time()
@@ -252,17 +250,19 @@ def model_section(c: BenchConfig, started: float, save) -> list:
 
 
 def linear_totals(points: list) -> dict:
-    """{L: total_s} of the linear points; decode_section takes about their sum (prefills), 10 s and compiling."""
     return {p["L"]: p["total_s"] for p in points if (p["kind"], p["layout"], p["status"]) == ("length", "linear", "ok")}
 
 
+def decode_reserve_s(c: BenchConfig, points: list) -> float:        # decode_section: prefills, rounds, compiling
+    return sum(linear_totals(points).values()) + 10 + 30 * c.compile
+
+
 def decode_section(c: BenchConfig, points: list, deadline: float) -> dict:
-    """Linear decode ms/token at the model section's lengths, in one process: each length prefilled once into its own
-    cache, then 16 rounds of 32 tokens at each length in turn (1K, .., 128K, 1K, ..). The VM's speed drifts up to 2x
-    in minutes, more than L does: ms/token are medians over rounds, flatness the medians of time / its round's mean."""
+    """Linear decode at the model section's lengths in one process: each prefilled once, then 16 rounds of 32 tokens at
+    each in turn (the VM's 2x drift hits all alike); ms/token: medians over rounds; flatness: of time / round mean."""
     lin, ms, rounds, k = linear_totals(points), {}, 16, 32
     try:
-        if lin and time.time() + sum(lin.values()) + 10 + 30 * c.compile <= deadline:         # as model_section keeps
+        if lin and time.time() + decode_reserve_s(c, points) <= deadline:
             model, g = build_model(c, "linear"), torch.Generator().manual_seed(c.seed)
             text = lambda L: torch.randint(model.cfg.img_context_id + 1, model.cfg.vocab_size, (1, L),
                                            generator=g).to(c.device)

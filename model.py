@@ -536,7 +536,7 @@ class Model(nn.Module):
         every row has produced eos_id (rows that finished are padded with eos_id). `stats`, if given,
         receives prefill_s (the prompt and the first token) and decode_s (the other tokens).
         compile: decode steps through torch.compile (inductor fuses a step's few hundred small ops,
-        whose per-call overhead is most of a step on a CPU; the role CUDA graphs play in mamba_ssm's
+        whose per-call overhead is much of a step on a CPU; the role CUDA graphs play in mamba_ssm's
         generate). Dynamic shapes: one graph for every cache length, compiled on the first steps
         (seconds) and kept by dynamo for later calls."""
         b, T = input_ids.shape
