@@ -340,6 +340,10 @@ def sample_at(cfg: DataConfig, split: str, seed: int, index: int) -> Sample:
                   f"{split}/{seed}/{index}")
 
 
+# The training streams by name (distill.py --task): index -> Sample, a pure function of (split, seed).
+TASKS = {"single": sample_at}
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing and loading LLaVA-style JSONL
 
