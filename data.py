@@ -13,26 +13,39 @@ Those and HoVLE cannot be downloaded here, so this file draws a benchmark with t
     text      TextVQA, MME OCR     What does the text say?                      2-4 glyphs
     reason    ScienceQA / MMBench  Are there more circles than squares?         yes / no
 
+and, with K images in one prompt (not in the paper: it stresses a fixed-size state; the prompt
+names them "Image 1: <image>", ..., "Image K: <image>", ~70 tokens per image):
+
+    recall    In image 5, what color is the square? / ..., what shape is the red object?
+    find      In what image is there a red triangle?                        1 .. K
+
 A scene is a 128 px image cut into an 8 x 8 grid of 16 px cells, each empty, one object (a shape in
 a colour) or one glyph (the glyphs of a scene form one word, left to right in one row; row 0 is
 the top). With 8 px patches and a 0.5 pixel shuffle every cell is one image token, row-major, and
-`cells` (64 ints) says what each holds (stage 0's auxiliary target). Answers are drawn uniformly,
-independently of the wording, so no question is answerable without the image; `CHANCE` is the
-accuracy of guessing.
+`cells` (64 ints per image) says what each holds (stage 0's auxiliary target). Answers are drawn
+uniformly, independently of the wording, so no question is answerable without the image;
+`CHANCE` is the accuracy of guessing.
 
 On disk, LLaVA-style JSONL with images beside it (paths relative to the JSONL's folder):
     {"image": "images/000123.png", "category": "count", "cells": [... 64 ints ...],
      "conversations": [{"from": "human", "value": "<image>\\nHow many circles are there?"},
                        {"from": "gpt", "value": "3"}]}
-`load_jsonl` reads this and a user's own file (`cells`, `category` optional; several human / gpt
+A multi-image record has a list of paths and one "<image>" tag per image in its first question
+(as multi-image LLaVA data): {"image": ["images/a.png", "images/b.png"], "conversations":
+[{"from": "human", "value": "Image 1: <image>\\nImage 2: <image>\\nIn image 2, ..."}, ...]}.
+`load_jsonl` reads these and a user's own file (`cells`, `category` optional; several human / gpt
 pairs make a multi-turn sample: every answer is trained on, the last one is scored).
 
 Chat template (HoVLE's InternLM2 format; the answers and their <|im_end|> are trained on):
     <s><|im_start|>user\\n<img><IMG_CONTEXT> x 64</img>\\n{question}<|im_end|><|im_start|>assistant\\n
     {answer}<|im_end|>[<|im_start|>user\\n{question 2}<|im_end|><|im_start|>assistant\\n{answer 2}<|im_end|>]
+A question's "<image>" tags become <img><IMG_CONTEXT> x 64</img> in place; without tags the
+images come first, each followed by "\\n".
 
 Run:  python data.py                                               # preview, vocabulary, chance
-      python data.py --out data/test --n 1400 --seed 0 --split test  # write a test set"""
+      python data.py --out data/test --n 1400 --seed 0 --split test  # write a test set
+      python data.py --out data/multi --n 20 --images 4             # 4 images per prompt
+"""
 from __future__ import annotations
 
 import argparse
@@ -43,14 +56,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from utils import run_main
+from utils import InputError, run_main
 
 # ----------------------------------------------------------------------------------------------
 # The closed world of the benchmark. These are constants (not config fields) because the
@@ -58,14 +71,17 @@ from utils import run_main
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = ("circles", "squares", "triangles", "diamonds", "crosses")
-COLORS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240), "yellow": (245, 220, 40),
-          "purple": (170, 70, 220), "white": (255, 255, 255)}      # on black; text tiles are grey
+COLORS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240),
+          "yellow": (245, 220, 40), "purple": (170, 70, 220), "white": (255, 255, 255)}
 COLOR_NAMES = tuple(COLORS)
 GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"  # no I/1, O/0, Q: they look alike in a 5 x 7 font
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 CATEGORIES = ("exist", "count", "color", "shape", "position", "text", "reason")
+MULTI_CATEGORIES = ("recall", "find")                   # questions about one of K images
 
-BACKGROUND, TILE, INK = (0, 0, 0), (190, 190, 190), (0, 0, 0)   # image, the tile behind a glyph, the glyph
+BACKGROUND = (0, 0, 0)                                  # the image
+TILE = (190, 190, 190)                                  # the tile behind a glyph
+INK = (0, 0, 0)                                         # the glyph
 # Cell classes: 0 = empty, then one per (shape, colour), then one per glyph.
 N_OBJECT_CLASSES = len(SHAPES) * len(COLORS)
 NUM_CELL_CLASSES = 1 + N_OBJECT_CLASSES + len(GLYPHS)  # 62
@@ -92,7 +108,10 @@ def describe_cell(cls: int) -> tuple:
     return ("glyph", GLYPHS[cls - 1 - N_OBJECT_CLASSES])
 
 
-IMAGE_TOKENS = (128 // 8 // 2) ** 2  # 64: 128 px, 8 px patches, pixel shuffle 0.5: one token per 16 px cell
+# 64: 128 px, 8 px patches, pixel shuffle 0.5: one token per 16 px cell
+IMAGE_TOKENS = (128 // 8 // 2) ** 2
+
+
 @dataclass
 class DataConfig:
     image_size: int = 128  # side of the square RGB image in pixels (user images are resized to it)
@@ -105,29 +124,38 @@ class DataConfig:
     text_max_len: int = 4  # longest word in the `text` category
     text_prob: float = 0.3  # chance that a scene of another category also shows a word
     categories: tuple[str, ...] = CATEGORIES  # categories to draw, in round-robin order
+    max_images: int = 8  # the training mix's multi-image prompts hold 1 .. max_images images
 
     def __post_init__(self):
         self.categories = tuple(self.categories)
-        most = max(self.max_objects, 2 * self.max_count) + self.text_max_len      # cells a scene may need
-        for ok, msg in ((self.image_size == self.grid * self.cell_size, "image_size must equal grid * cell_size"),
-                        (self.cell_size >= 8, "cell_size must be >= 8 px to draw legible shapes"),
-                        (1 <= self.max_count <= min(len(SHAPES), len(COLORS)),
-                         "max_count must be in 1..5: a scene's objects are distinct shape-colour pairs"),
-                        (1 <= self.text_min_len <= self.text_max_len <= self.grid,
-                         "need 1 <= text_min_len <= text_max_len <= grid"),
-                        (0 <= self.min_objects <= self.max_objects <= N_OBJECT_CLASSES - len(COLORS)
-                         and most <= self.grid ** 2, "the objects do not fit the grid"),
-                        (0 <= self.text_prob <= 1, "text_prob must be in [0, 1]"),
-                        (set(self.categories) <= set(CATEGORIES) and self.categories,
-                         f"categories must be a non-empty subset of {CATEGORIES}")):
+        most = max(self.max_objects, 2 * self.max_count) + self.text_max_len  # cells a scene needs
+        checks = (
+            (self.image_size == self.grid * self.cell_size, "image_size must equal grid * cell_size"),
+            (self.cell_size >= 8, "cell_size must be >= 8 px to draw legible shapes"),
+            (1 <= self.max_count <= min(len(SHAPES), len(COLORS)),
+             "max_count must be in 1..5: a scene's objects are distinct shape-colour pairs"),
+            (1 <= self.text_min_len <= self.text_max_len <= self.grid,
+             "need 1 <= text_min_len <= text_max_len <= grid"),
+            (0 <= self.min_objects <= self.max_objects <= N_OBJECT_CLASSES - len(COLORS)
+             and most <= self.grid ** 2, "the objects do not fit the grid"),
+            (0 <= self.text_prob <= 1, "text_prob must be in [0, 1]"),
+            (set(self.categories) <= set(CATEGORIES) and self.categories,
+             f"categories must be a non-empty subset of {CATEGORIES}"),
+            (self.max_images >= 1, "max_images must be >= 1"),
+        )
+        for ok, msg in checks:
             if not ok:
                 raise ValueError(f"DataConfig: {msg} ({self})")
 
-    n_cells = property(lambda self: self.grid * self.grid)
+    @property
+    def n_cells(self) -> int:
+        return self.grid * self.grid
 
 
-CHANCE = {"exist": 0.5, "count": 1 / 5, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 0.5,
-          "text": 1 / sum(len(GLYPHS) ** n for n in (2, 3, 4)), "reason": 0.5}    # a uniform guess, DataConfig()
+# A uniform guess, DataConfig(). "find" is left out: its chance is 1 / K.
+CHANCE = {"exist": 0.5, "count": 1 / 5, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES),
+          "position": 0.5, "text": 1 / sum(len(GLYPHS) ** n for n in (2, 3, 4)), "reason": 0.5,
+          "recall": (1 / len(COLORS) + 1 / len(SHAPES)) / 2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,8 +172,10 @@ def _glyph_mask(ch: str, scale: int) -> Image.Image:
 
 def _draw_object(d: ImageDraw.ImageDraw, shape: str, rgb: tuple, x0: int, y0: int, size: int):
     m = size // 8  # inset: objects never touch their cell's border
-    l, t, r, b = x0 + m, y0 + m, x0 + size - 1 - m, y0 + size - 1 - m
-    cx, cy = (l + r) / 2, (t + b) / 2
+    l, t = x0 + m, y0 + m                                 # left, top
+    r, b = x0 + size - 1 - m, y0 + size - 1 - m           # right, bottom
+    cx = (l + r) / 2
+    cy = (t + b) / 2
     if shape == "circle":
         d.ellipse((l, t, r, b), fill=rgb)
     elif shape == "square":
@@ -168,7 +198,8 @@ def draw_scene(cells: Sequence[int], cfg: DataConfig) -> Image.Image:
     scale = max(1, (size - 2) // 7)
     for i, cls in enumerate(cells):
         kind = describe_cell(cls)
-        y0, x0 = (i // cfg.grid) * size, (i % cfg.grid) * size
+        y0 = (i // cfg.grid) * size
+        x0 = (i % cfg.grid) * size
         if kind[0] == "object":
             _draw_object(d, kind[1], COLORS[kind[2]], x0, y0, size)
         elif kind[0] == "glyph":
@@ -180,7 +211,8 @@ def draw_scene(cells: Sequence[int], cfg: DataConfig) -> Image.Image:
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> uint8 tensor (3, H, W). Samples keep uint8 (4x smaller than float)."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)))
+    pixels = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def pixel_values(image: torch.Tensor) -> torch.Tensor:
@@ -189,34 +221,41 @@ def pixel_values(image: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Samples and question generators
+# Samples and the single-image question generators
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # uint8 (3, S, S)
-    turns: list  # [(question, answer), ...]: the human / gpt pairs; the question has no "<image>"
+    images: torch.Tensor  # uint8 (K, 3, S, S), K >= 1
+    turns: list  # [(question, answer), ...]: the human / gpt pairs (see chat_ids for "<image>")
     category: str = "custom"
-    cells: list | None = None  # per-cell classes, row-major; None when unknown
+    cells: list | None = None  # per-cell classes, row-major, image after image; None: unknown
     source: str = ""  # "file:line" for loaded samples, "split/seed/index" for synthetic ones
 
-    question = property(lambda self: self.turns[-1][0])  # the turn that is scored
-    answer = property(lambda self: self.turns[-1][1])
+    @property
+    def question(self) -> str:       # the turn that is scored
+        return self.turns[-1][0]
+
+    @property
+    def answer(self) -> str:
+        return self.turns[-1][1]
 
 
-def _scene(rng: random.Random, cfg: DataConfig, required: list[tuple[int, int]],
-           allowed: Callable[[int, int], bool] = lambda s, c: True,
-           text: str | None = None) -> list[int]:
-    """Cells holding the (shape, colour) objects `required`, random fillers for which `allowed` is
-    true, and optionally the word `text`; every object is a distinct (shape, colour) pair."""
+def _scene(rng: random.Random, cfg: DataConfig, required: list, no_shapes=(), no_colors=(),
+           no_pairs=(), text: str | None = None) -> list[int]:
+    """Cells holding the (shape, colour) objects `required`, random other objects of none of the
+    shapes `no_shapes`, colours `no_colors` or pairs `no_pairs`, and optionally the word `text`;
+    every object is a distinct (shape, colour) pair."""
     cells = [0] * cfg.n_cells
     if text is None and rng.random() < cfg.text_prob:
         text = _random_word(rng, cfg)
     if text:
-        row, start = rng.randrange(cfg.grid), rng.randrange(cfg.grid - len(text) + 1)
+        row = rng.randrange(cfg.grid)
+        start = rng.randrange(cfg.grid - len(text) + 1)
         for k, ch in enumerate(text):
             cells[row * cfg.grid + start + k] = glyph_class(ch)
     pool = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS))
-            if (s, c) not in required and allowed(s, c)]
+            if (s, c) not in required and (s, c) not in no_pairs
+            and s not in no_shapes and c not in no_colors]
     total = max(len(required), rng.randint(cfg.min_objects, cfg.max_objects))
     objects = list(required) + rng.sample(pool, min(len(pool), total - len(required)))
     free = [i for i in range(cfg.n_cells) if cells[i] == 0]
@@ -226,11 +265,16 @@ def _scene(rng: random.Random, cfg: DataConfig, required: list[tuple[int, int]],
 
 
 def _random_word(rng: random.Random, cfg: DataConfig) -> str:
-    return "".join(rng.choice(GLYPHS) for _ in range(rng.randint(cfg.text_min_len, cfg.text_max_len)))
+    length = rng.randint(cfg.text_min_len, cfg.text_max_len)
+    return "".join(rng.choice(GLYPHS) for _ in range(length))
 
 
 def _distinct(rng: random.Random, n_items: int, k: int) -> list[int]:
     return rng.sample(range(n_items), k)
+
+
+def _yes_no(flag: bool) -> str:
+    return ("no", "yes")[flag]
 
 
 def _gen_exist(rng, cfg):
@@ -238,13 +282,17 @@ def _gen_exist(rng, cfg):
     yes = rng.random() < 0.5
     if rng.random() < 0.5:
         s = rng.randrange(len(SHAPES))
-        required = [(s, rng.randrange(len(COLORS)))] if yes else []
-        cells = _scene(rng, cfg, required, allowed=lambda s2, c2: s2 != s)
-        return cells, f"Is there a {SHAPES[s]}?", "yes" if yes else "no"
+        required = []
+        if yes:
+            required = [(s, rng.randrange(len(COLORS)))]
+        cells = _scene(rng, cfg, required, no_shapes=(s,))
+        return cells, f"Is there a {SHAPES[s]}?", _yes_no(yes)
     c = rng.randrange(len(COLORS))
-    required = [(rng.randrange(len(SHAPES)), c)] if yes else []
-    cells = _scene(rng, cfg, required, allowed=lambda s2, c2: c2 != c)
-    return cells, f"Is there a {COLOR_NAMES[c]} object?", "yes" if yes else "no"
+    required = []
+    if yes:
+        required = [(rng.randrange(len(SHAPES)), c)]
+    cells = _scene(rng, cfg, required, no_colors=(c,))
+    return cells, f"Is there a {COLOR_NAMES[c]} object?", _yes_no(yes)
 
 
 def _gen_count(rng, cfg):
@@ -252,24 +300,32 @@ def _gen_count(rng, cfg):
     if rng.random() < 0.5:  # count a shape, in distinct colours
         s = rng.randrange(len(SHAPES))
         required = [(s, c) for c in _distinct(rng, len(COLORS), n)]
-        cells = _scene(rng, cfg, required, allowed=lambda s2, c2: s2 != s)
+        cells = _scene(rng, cfg, required, no_shapes=(s,))
         return cells, f"How many {PLURALS[s]} are there?", str(n)
     c = rng.randrange(len(COLORS))  # count a colour, on distinct shapes
     required = [(s, c) for s in _distinct(rng, len(SHAPES), n)]
-    cells = _scene(rng, cfg, required, allowed=lambda s2, c2: c2 != c)
+    cells = _scene(rng, cfg, required, no_colors=(c,))
     return cells, f"How many {COLOR_NAMES[c]} objects are there?", str(n)
 
 
 def _gen_color(rng, cfg):
-    s, c = rng.randrange(len(SHAPES)), rng.randrange(len(COLORS))  # the only object of shape s
-    cells = _scene(rng, cfg, [(s, c)], allowed=lambda s2, c2: s2 != s)
+    s = rng.randrange(len(SHAPES))                    # the only object of shape s
+    c = rng.randrange(len(COLORS))
+    cells = _scene(rng, cfg, [(s, c)], no_shapes=(s,))
     return cells, f"What color is the {SHAPES[s]}?", COLOR_NAMES[c]
 
 
 def _gen_shape(rng, cfg):
-    s, c = rng.randrange(len(SHAPES)), rng.randrange(len(COLORS))  # the only object of colour c
-    cells = _scene(rng, cfg, [(s, c)], allowed=lambda s2, c2: c2 != c)
+    s = rng.randrange(len(SHAPES))
+    c = rng.randrange(len(COLORS))                    # the only object of colour c
+    cells = _scene(rng, cfg, [(s, c)], no_colors=(c,))
     return cells, f"What shape is the {COLOR_NAMES[c]} object?", SHAPES[s]
+
+
+def _object_name(obj: tuple, by_shape: bool) -> str:
+    if by_shape:
+        return SHAPES[obj[0]]
+    return f"{COLOR_NAMES[obj[1]]} object"
 
 
 def _gen_position(rng, cfg):
@@ -279,23 +335,30 @@ def _gen_position(rng, cfg):
     by_shape = rng.random() < 0.5
     if by_shape:
         sa, sb = _distinct(rng, len(SHAPES), 2)
-        a, b = (sa, rng.randrange(len(COLORS))), (sb, rng.randrange(len(COLORS)))
-        allowed = lambda s2, c2: s2 not in (sa, sb)
+        a = (sa, rng.randrange(len(COLORS)))
+        b = (sb, rng.randrange(len(COLORS)))
+        banned = {"no_shapes": (sa, sb)}
     else:
         ca, cb = _distinct(rng, len(COLORS), 2)
-        a, b = (rng.randrange(len(SHAPES)), ca), (rng.randrange(len(SHAPES)), cb)
-        allowed = lambda s2, c2: c2 not in (ca, cb)
+        a = (rng.randrange(len(SHAPES)), ca)
+        b = (rng.randrange(len(SHAPES)), cb)
+        banned = {"no_colors": (ca, cb)}
+    horizontal = rel < 2                               # left of / right of compare columns
     while True:  # redraw until the compared coordinate differs, so the relation is well defined
-        cells = _scene(rng, cfg, [a, b], allowed)
-        (ra, ca_), (rb, cb_) = (divmod(cells.index(object_class(*o)), cfg.grid) for o in (a, b))
-        ka, kb = (ca_, cb_) if rel < 2 else (ra, rb)
+        cells = _scene(rng, cfg, [a, b], **banned)
+        row_col_a = divmod(cells.index(object_class(*a)), cfg.grid)
+        row_col_b = divmod(cells.index(object_class(*b)), cfg.grid)
+        ka = row_col_a[horizontal]
+        kb = row_col_b[horizontal]
         if ka != kb:
             break
-    truth = ka < kb if rel in (0, 2) else ka > kb  # left of / above: smaller column / row
+    truth = ka > kb                                    # right of / below: larger column / row
+    if rel in (0, 2):                                  # left of / above: smaller column / row
+        truth = ka < kb
     if truth != yes:  # swapping the two objects' roles flips a strict relation
         a, b = b, a
-    name = (lambda o: SHAPES[o[0]]) if by_shape else (lambda o: f"{COLOR_NAMES[o[1]]} object")
-    return cells, f"Is the {name(a)} {RELATIONS[rel]} the {name(b)}?", "yes" if yes else "no"
+    question = f"Is the {_object_name(a, by_shape)} {RELATIONS[rel]} the {_object_name(b, by_shape)}?"
+    return cells, question, _yes_no(yes)
 
 
 def _gen_text(rng, cfg):
@@ -304,27 +367,53 @@ def _gen_text(rng, cfg):
 
 
 def _gen_reason(rng, cfg):
-    n_more, n_less = sorted(rng.sample(range(cfg.max_count + 1), 2), reverse=True)
+    counts = sorted(rng.sample(range(cfg.max_count + 1), 2), reverse=True)   # (more, fewer)
     yes = rng.random() < 0.5
-    n1, n2 = (n_more, n_less) if yes else (n_less, n_more)
+    if not yes:
+        counts.reverse()
     if rng.random() < 0.5:  # compare two shapes
         s1, s2 = _distinct(rng, len(SHAPES), 2)
-        colors = [_distinct(rng, len(COLORS), n) for n in (n1, n2)]
+        colors = [_distinct(rng, len(COLORS), n) for n in counts]
         required = [(s1, c) for c in colors[0]] + [(s2, c) for c in colors[1]]
-        cells = _scene(rng, cfg, required, allowed=lambda s, c: s not in (s1, s2))
-        q = f"Are there more {PLURALS[s1]} than {PLURALS[s2]}?"
+        cells = _scene(rng, cfg, required, no_shapes=(s1, s2))
+        question = f"Are there more {PLURALS[s1]} than {PLURALS[s2]}?"
     else:  # compare two colours
         c1, c2 = _distinct(rng, len(COLORS), 2)
-        shapes = [_distinct(rng, len(SHAPES), n) for n in (n1, n2)]
+        shapes = [_distinct(rng, len(SHAPES), n) for n in counts]
         required = [(s, c1) for s in shapes[0]] + [(s, c2) for s in shapes[1]]
-        cells = _scene(rng, cfg, required, allowed=lambda s, c: c not in (c1, c2))
-        q = f"Are there more {COLOR_NAMES[c1]} objects than {COLOR_NAMES[c2]} objects?"
-    return cells, q, "yes" if yes else "no"
+        cells = _scene(rng, cfg, required, no_colors=(c1, c2))
+        question = f"Are there more {COLOR_NAMES[c1]} objects than {COLOR_NAMES[c2]} objects?"
+    return cells, question, _yes_no(yes)
 
 
 GENERATORS = {"exist": _gen_exist, "count": _gen_count, "color": _gen_color, "shape": _gen_shape,
               "position": _gen_position, "text": _gen_text, "reason": _gen_reason}
 
+
+# ----------------------------------------------------------------------------------------------
+# The multi-image generators: K scenes, a question about the one at index `target` (0-based)
+
+def _gen_recall(rng, cfg, n_images: int, target: int):
+    # a colour or shape question about image target + 1; the other images are random scenes
+    scenes = [_scene(rng, cfg, []) for _ in range(n_images)]
+    ask = GENERATORS[rng.choice(("color", "shape"))]
+    scenes[target], question, answer = ask(rng, cfg)
+    return scenes, f"In image {target + 1}, {question[0].lower()}{question[1:]}", answer
+
+
+def _gen_find(rng, cfg, n_images: int, target: int):
+    # exactly one image (target + 1) holds the named (shape, colour) pair
+    pair = (rng.randrange(len(SHAPES)), rng.randrange(len(COLORS)))
+    scenes = [_scene(rng, cfg, [pair] * (k == target), no_pairs=(pair,)) for k in range(n_images)]
+    name = f"{COLOR_NAMES[pair[1]]} {SHAPES[pair[0]]}"
+    return scenes, f"In what image is there a {name}?", str(target + 1)
+
+
+MULTI_GENERATORS = {"recall": _gen_recall, "find": _gen_find}
+
+
+# ----------------------------------------------------------------------------------------------
+# The streams: sample `index` of a split is a pure function of (split, seed, index)
 
 def sample_rng(split: str, seed: int, index: int) -> random.Random:
     """The generator of sample `index`: a pure function of (split, seed, index), so train and test
@@ -336,35 +425,74 @@ def sample_at(cfg: DataConfig, split: str, seed: int, index: int) -> Sample:
     """Sample `index` of a synthetic split (about a millisecond): categories go round-robin."""
     category = cfg.categories[index % len(cfg.categories)]
     cells, question, answer = GENERATORS[category](sample_rng(split, seed, index), cfg)
-    return Sample(image_to_tensor(draw_scene(cells, cfg)), [(question, answer)], category, cells,
-                  f"{split}/{seed}/{index}")
+    image = image_to_tensor(draw_scene(cells, cfg))
+    return Sample(image[None], [(question, answer)], category, cells, f"{split}/{seed}/{index}")
+
+
+def multi_sample_at(cfg: DataConfig, split: str, seed: int, index: int, n_images: int,
+                    target: int | None = None) -> Sample:
+    """Sample `index` of the multi-image stream with `n_images` images (categories round-robin),
+    asking about image `target` + 1 (None: a uniform draw)."""
+    rng = sample_rng(f"{split}-multi-{n_images}", seed, index)
+    category = MULTI_CATEGORIES[index % len(MULTI_CATEGORIES)]
+    if target is None:
+        target = rng.randrange(n_images)
+    scenes, question, answer = MULTI_GENERATORS[category](rng, cfg, n_images, target)
+    labels = "".join(f"Image {k + 1}: <image>\n" for k in range(n_images))
+    images = torch.stack([image_to_tensor(draw_scene(cells, cfg)) for cells in scenes])
+    cells = [c for scene in scenes for c in scene]
+    source = f"{split}-multi-{n_images}/{seed}/{index}"
+    return Sample(images, [(labels + question, answer)], category, cells, source)
+
+
+MIX_GROUP = 16   # consecutive samples of the mix share their kind and K: a batch of 16 is one
+
+
+def mix_sample_at(cfg: DataConfig, split: str, seed: int, index: int) -> Sample:
+    """The training mix (--task mix): groups of MIX_GROUP consecutive indices alternate between
+    the single-image benchmark and multi-image prompts whose K, uniform in 1 .. cfg.max_images, is
+    drawn per group (equal lengths in a batch: little padding)."""
+    group = index // MIX_GROUP
+    if group % 2 == 0:
+        return sample_at(cfg, split, seed, index)
+    n_images = sample_rng(f"{split}-mix", seed, group).randint(1, cfg.max_images)
+    return multi_sample_at(cfg, split, seed, index, n_images)
 
 
 # The training streams by name (distill.py --task): index -> Sample, a pure function of (split, seed).
-TASKS = {"single": sample_at}
+TASKS = {"single": sample_at, "mix": mix_sample_at}
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing and loading LLaVA-style JSONL
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message starts with "file:line:"."""
 
 
 def write_dataset(out: str | Path, n: int, seed: int = 0, split: str = "train",
-                  cfg: DataConfig | None = None) -> Path:
-    """Write samples 0..n-1 of (split, seed) as out/data.jsonl plus out/images/*.png."""
+                  cfg: DataConfig | None = None, n_images: int = 1) -> Path:
+    """Write samples 0..n-1 of (split, seed) as out/data.jsonl plus out/images/*.png; with
+    n_images > 1 the multi-image stream."""
     cfg = cfg or DataConfig()
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     with open(out / "data.jsonl", "w") as f:
         for i in tqdm(range(n), desc=f"writing {out / 'data.jsonl'}"):
-            s = sample_at(cfg, split, seed, i)
-            name = f"images/{i:06d}.png"
-            Image.fromarray(s.image.permute(1, 2, 0).numpy()).save(out / name)
-            f.write(json.dumps({"id": s.source, "image": name, "category": s.category, "cells": s.cells,
-                                "conversations": [{"from": "human", "value": "<image>\n" + s.question},
-                                                  {"from": "gpt", "value": s.answer}]}) + "\n")
+            if n_images == 1:
+                s = sample_at(cfg, split, seed, i)
+                human = "<image>\n" + s.question
+            else:
+                s = multi_sample_at(cfg, split, seed, i, n_images)
+                human = s.question
+            names = [f"images/{i:06d}_{k}.png" for k in range(n_images)]
+            for name, image in zip(names, s.images):
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / name)
+            record = {"id": s.source, "image": names[0] if n_images == 1 else names,
+                      "category": s.category, "cells": s.cells,
+                      "conversations": [{"from": "human", "value": human},
+                                        {"from": "gpt", "value": s.answer}]}
+            f.write(json.dumps(record) + "\n")
     return out / "data.jsonl"
 
 
@@ -383,11 +511,34 @@ def load_image(file: str | Path, image_size: int = 128) -> torch.Tensor:
     return image_to_tensor(im)
 
 
+def _record_pairs(rec, where: str) -> list:
+    """The (question, answer) pairs of a record's conversations, in order."""
+    turns = rec.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: expected an object whose 'conversations' is a list of "
+                        f'{{"from": ..., "value": ...}} objects')
+    pairs = []
+    question = None
+    for t in turns:
+        role = str(t.get("from", "")).lower()
+        value = str(t.get("value", "")).strip()
+        if role in ("human", "user"):
+            question = value
+        elif role in ("gpt", "assistant") and question is not None and value:
+            pairs.append((question, value))
+            question = None
+    if not pairs:
+        raise DataError(f"{where}: no question with an answer (a 'human' turn followed by a 'gpt' turn)")
+    return pairs
+
+
 def load_jsonl(path: str | Path, image_size: int = 128) -> list[Sample]:
     """Read a LLaVA-style JSONL file (ours or a user's). Every human turn followed by a gpt turn is
-    one (question, answer) pair, in order; the "<image>" placeholder is dropped (the template puts
-    the image first). Relative image paths are taken from the JSONL's folder. `category` defaults to
-    "custom", `cells` to None. A bad record raises DataError naming the file and line."""
+    one (question, answer) pair, in order. "image" is a path or a list of paths (relative ones are
+    taken from the JSONL's folder). With one image its "<image>" tag is dropped (the template puts
+    the image first); with several, the first question keeps one tag per image, or none (images
+    first). `category` defaults to "custom", `cells` to None. A bad record raises DataError naming
+    the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -400,31 +551,29 @@ def load_jsonl(path: str | Path, image_size: int = 128) -> list[Sample]:
             rec = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{where}: malformed JSON or not UTF-8 ({e})") from None
-        turns = rec.get("conversations") if isinstance(rec, dict) else None
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise DataError(f"{where}: expected an object whose 'conversations' is a list of "
-                            f'{{"from": ..., "value": ...}} objects')
-        pairs, question = [], None
-        for t in turns:
-            role, value = str(t.get("from", "")).lower(), str(t.get("value", "")).strip()
-            if role in ("human", "user"):
-                question = value.replace("<image>\n", "").replace("<image>", "").strip()
-            elif role in ("gpt", "assistant") and question is not None and value:
-                pairs.append((question, value))
-                question = None
-        if not pairs:
-            raise DataError(f"{where}: no question with an answer (a 'human' turn followed by a 'gpt' turn)")
-        if not isinstance(rec.get("image"), str) or not rec["image"]:
-            raise DataError(f"{where}: record has no 'image' path")
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        pairs = _record_pairs(rec, where)
+        files = rec.get("image")
+        if isinstance(files, str):
+            files = [files]
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+            raise DataError(f"{where}: record has no 'image' path (a string or a list of strings)")
+        tags = pairs[0][0].count("<image>")
+        if len(files) == 1:
+            pairs[0] = (pairs[0][0].replace("<image>\n", "").replace("<image>", "").strip(), pairs[0][1])
+        elif tags not in (0, len(files)):
+            raise DataError(f"{where}: {tags} '<image>' tags for {len(files)} images")
         cells = rec.get("cells")
-        if cells is not None and not (isinstance(cells, list) and len(cells) == IMAGE_TOKENS and all(
+        n_cells = IMAGE_TOKENS * len(files)
+        if cells is not None and not (isinstance(cells, list) and len(cells) == n_cells and all(
                 type(x) is int and (0 <= x < NUM_CELL_CLASSES or x == IGNORE_INDEX) for x in cells)):
-            raise DataError(f"{where}: 'cells' must be {IMAGE_TOKENS} ints in [0, {NUM_CELL_CLASSES}) or -100")
+            raise DataError(f"{where}: 'cells' must be {n_cells} ints in [0, {NUM_CELL_CLASSES}) or -100")
         try:
-            samples.append(Sample(load_image(path.parent / rec["image"], image_size), pairs,
-                                  str(rec.get("category", "custom")), cells, where))
+            images = torch.stack([load_image(path.parent / f, image_size) for f in files])
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
+        samples.append(Sample(images, pairs, str(rec.get("category", "custom")), cells, where))
     return samples
 
 
@@ -438,35 +587,51 @@ _PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s")
 
 
 class Tokenizer:
-    """Word level over the benchmark's closed vocabulary, with a fallback, so that any text encodes and
-    decode(encode(s)) == s. Text is cut into pieces (a word, a digit or a punctuation mark with its
-    leading space, or one whitespace character); a known piece is one token, else each character is
-    (a known one, else its UTF-8 bytes: 256 byte tokens). Special tokens are only inserted by the
-    template; their spelling inside text is ordinary text."""
+    """Word level over the benchmark's closed vocabulary, with a fallback, so that any text encodes
+    and decode(encode(s)) == s. Text is cut into pieces (a word, a digit or a punctuation mark with
+    its leading space, or one whitespace character); a known piece is one token, else each
+    character is (a known one, else its UTF-8 bytes: 256 byte tokens). Special tokens are only
+    inserted by the template; their spelling inside text is ordinary text."""
 
     def __init__(self):
-        words = [p for w in WORDS + list(SHAPES + PLURALS + COLOR_NAMES) for p in (w, " " + w, w.capitalize())]
-        pieces = list(dict.fromkeys(words + [p for ch in "0123456789?.,:!'-()" for p in (ch, " " + ch)]
-                                    + list(GLYPHS) + [" ", "\n"]))
+        names = WORDS + list(SHAPES + PLURALS + COLOR_NAMES)
+        words = [p for w in names for p in (w, " " + w, w.capitalize())]
+        marks = [p for ch in "0123456789?.,:!'-()" for p in (ch, " " + ch)]
+        pieces = list(dict.fromkeys(words + marks + list(GLYPHS) + [" ", "\n"]))
         self.specials = list(SPECIALS)
         self.vocab = self.specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
         self.piece_to_id = {p: len(self.specials) + 256 + k for k, p in enumerate(pieces)}
         self.id_to_piece = {i: p for p, i in self.piece_to_id.items()}
-        (self.pad_id, self.bos_id, self.im_start_id, self.im_end_id, self.img_start_id, self.img_end_id,
-         self.img_context_id) = range(len(SPECIALS))
+        self.pad_id = SPECIALS.index("<pad>")
+        self.bos_id = SPECIALS.index("<s>")
+        self.im_start_id = SPECIALS.index("<|im_start|>")
+        self.im_end_id = SPECIALS.index("<|im_end|>")
+        self.img_start_id = SPECIALS.index("<img>")
+        self.img_end_id = SPECIALS.index("</img>")
+        self.img_context_id = SPECIALS.index("<IMG_CONTEXT>")
         self.eos_id = self.im_end_id                   # generation stops here
 
-    vocab_size = property(lambda self: len(self.vocab))
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
 
     def encode(self, text: str) -> list[int]:
         ids = []
         for piece in _PIECE.findall(text):
-            for p in [piece] if piece in self.piece_to_id else piece:
-                ids += [self.piece_to_id[p]] if p in self.piece_to_id else [len(SPECIALS) + b for b in p.encode()]
+            if piece in self.piece_to_id:
+                ids.append(self.piece_to_id[piece])
+                continue
+            for ch in piece:
+                if ch in self.piece_to_id:
+                    ids.append(self.piece_to_id[ch])
+                else:
+                    ids += [len(SPECIALS) + b for b in ch.encode()]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        out, buf, first = [], bytearray(), len(SPECIALS)
+        out = []
+        buf = bytearray()
+        first = len(SPECIALS)
         for i in map(int, list(ids) + [-1]):            # -1: flush the bytes at the end
             if first <= i < first + 256:
                 buf.append(i - first)
@@ -490,20 +655,42 @@ IMG_CONTEXT_ID = TOKENIZER.img_context_id
 # ----------------------------------------------------------------------------------------------
 # Chat template and batching
 
-def chat_ids(turns: Sequence, n_image_tokens: int = IMAGE_TOKENS, last_answer: bool = True) -> tuple:
-    """The template's token ids of (question, answer) turns, the image in the first, and a mask that
-    is True on the answer tokens and their <|im_end|>. last_answer=False leaves the last answer
-    out: the prompt that generation continues."""
+def _user_ids(question: str, n_images: int, n_image_tokens: int) -> list[int]:
+    """The first question's ids with its images: each "<image>" tag becomes the image's tokens in
+    place; without tags, the images come first, each followed by "\\n"."""
     tok = TOKENIZER
-    ids, mask = [tok.bos_id], [False]
+    image = [tok.img_start_id] + [tok.img_context_id] * n_image_tokens + [tok.img_end_id]
+    if "<image>" not in question:
+        return (image + tok.encode("\n")) * n_images + tok.encode(question)
+    parts = question.split("<image>")
+    if len(parts) - 1 != n_images:
+        raise ValueError(f"the question has {len(parts) - 1} '<image>' tags for {n_images} images")
+    ids = tok.encode(parts[0])
+    for part in parts[1:]:
+        ids += image + tok.encode(part)
+    return ids
+
+
+def chat_ids(turns: Sequence, n_image_tokens: int = IMAGE_TOKENS, last_answer: bool = True,
+             n_images: int = 1) -> tuple:
+    """The template's token ids of (question, answer) turns, the images in the first, and a mask
+    that is True on the answer tokens and their <|im_end|>. last_answer=False leaves the last
+    answer out: the prompt that generation continues."""
+    tok = TOKENIZER
+    ids = [tok.bos_id]
+    mask = [False]
     for k, (question, answer) in enumerate(turns):
-        user = ([tok.im_start_id] + tok.encode("user\n") + ([tok.img_start_id] + [tok.img_context_id] *
-                n_image_tokens + [tok.img_end_id] + tok.encode("\n") if k == 0 else []) + tok.encode(question)
-                + [tok.im_end_id, tok.im_start_id] + tok.encode("assistant\n"))
-        ids, mask = ids + user, mask + [False] * len(user)
+        text = tok.encode(question)
+        if k == 0:
+            text = _user_ids(question, n_images, n_image_tokens)
+        user = [tok.im_start_id] + tok.encode("user\n") + text
+        user += [tok.im_end_id, tok.im_start_id] + tok.encode("assistant\n")
+        ids += user
+        mask += [False] * len(user)
         if last_answer or k < len(turns) - 1:
             reply = tok.encode(answer) + [tok.im_end_id]
-            ids, mask = ids + reply, mask + [True] * len(reply)
+            ids += reply
+            mask += [True] * len(reply)
     return ids, mask
 
 
@@ -511,22 +698,31 @@ def collate(samples: Sequence[Sample]) -> dict:
     """A batch for teacher forcing, right-padded with pad_id: input_ids (b, T) long, attention_mask
     (b, T) bool, answer_mask (b, T) bool (True on the answer tokens and their <|im_end|>), labels
     (b, T) long (input_ids on the answers, -100 elsewhere; NOT shifted: logits[:, t] predict
-    labels[:, t + 1]), pixel_values (b, 3, S, S) float in [-1, 1], cells (b, 64) long (-100 where
+    labels[:, t + 1]), pixel_values (n_img, 3, S, S) float in [-1, 1] (the samples' images in
+    order), image_row (n_img,) long (the row of each image), cells (n_img, 64) long (-100 where
     unknown), category (list of str)."""
-    encoded, pad = [chat_ids(s.turns) for s in samples], TOKENIZER.pad_id
-    T, b = max(len(ids) for ids, _ in encoded), len(samples)
-    input_ids = torch.full((b, T), pad, dtype=torch.long)
-    attention_mask, answer_mask = torch.zeros(b, T, dtype=torch.bool), torch.zeros(b, T, dtype=torch.bool)
-    cells = torch.full((b, IMAGE_TOKENS), IGNORE_INDEX, dtype=torch.long)
-    for k, ((ids, mask), s) in enumerate(zip(encoded, samples)):
-        input_ids[k, :len(ids)], attention_mask[k, :len(ids)] = torch.tensor(ids), True
+    encoded = [chat_ids(s.turns, n_images=len(s.images)) for s in samples]
+    T = max(len(ids) for ids, _ in encoded)
+    b = len(samples)
+    input_ids = torch.full((b, T), TOKENIZER.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(b, T, dtype=torch.bool)
+    answer_mask = torch.zeros(b, T, dtype=torch.bool)
+    for k, (ids, mask) in enumerate(encoded):
+        input_ids[k, :len(ids)] = torch.tensor(ids)
+        attention_mask[k, :len(ids)] = True
         answer_mask[k, :len(ids)] = torch.tensor(mask)
+    images = torch.cat([s.images for s in samples])                       # (n_img, 3, S, S)
+    cells = torch.full((len(images), IMAGE_TOKENS), IGNORE_INDEX, dtype=torch.long)
+    image_row = torch.cat([torch.full((len(s.images),), k) for k, s in enumerate(samples)])
+    first = 0
+    for s in samples:
         if s.cells is not None:
-            cells[k] = torch.tensor(s.cells)
+            cells[first:first + len(s.images)] = torch.tensor(s.cells).view(-1, IMAGE_TOKENS)
+        first += len(s.images)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
             "labels": input_ids.masked_fill(~answer_mask, IGNORE_INDEX),
-            "pixel_values": pixel_values(torch.stack([s.image for s in samples])),
-            "cells": cells, "category": [s.category for s in samples]}
+            "pixel_values": pixel_values(images), "image_row": image_row, "cells": cells,
+            "category": [s.category for s in samples]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,66 +733,98 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".").strip()
 
 
-@torch.no_grad()
-def score(generate, samples: Sequence[Sample], batch_size: int = 32, max_new_tokens: int | None = None,
-          progress: bool = False) -> dict:
-    """Greedy generation and exact match of the last turn's answer; accuracy per category.
-    generate(input_ids (b, T), pixel_values (b, 3, S, S), max_new_tokens, eos_id) -> new tokens (b, T'),
-    each row cut at its first eos_id. Prompts are batched by equal length (no padding). Returns
-    {"accuracy": {category: acc}, "n": {category: count}, "mean": macro mean, "predictions": [str]}."""
+def _cut_at_eos(row: list) -> list:
     tok = TOKENIZER
-    max_new_tokens = max_new_tokens or max((len(tok.encode(s.answer)) for s in samples), default=0) + 1
-    prompts = [chat_ids(s.turns, last_answer=False)[0] for s in samples]
+    if tok.eos_id in row:
+        return row[:row.index(tok.eos_id)]
+    return row
+
+
+@torch.no_grad()
+def score(generate, samples: Sequence[Sample], batch_size: int = 32,
+          max_new_tokens: int | None = None, progress: bool = False) -> dict:
+    """Greedy generation and exact match of the last turn's answer; accuracy per category.
+    generate(input_ids (b, T), pixel_values (n_img, 3, S, S), max_new_tokens, eos_id) -> new
+    tokens (b, T'), each row cut at its first eos_id. Prompts are batched by equal length (no
+    padding). Returns {"accuracy": {category: acc}, "n": {category: count}, "mean": macro mean,
+    "predictions": [str]}."""
+    if not samples:
+        raise ValueError("no samples to score")
+    tok = TOKENIZER
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tok.encode(s.answer)) for s in samples) + 1
+    prompts = [chat_ids(s.turns, last_answer=False, n_images=len(s.images))[0] for s in samples]
     by_length = defaultdict(list)
     for k, p in enumerate(prompts):
         by_length[len(p)].append(k)
+    batches = [ks[i:i + batch_size] for ks in by_length.values() for i in range(0, len(ks), batch_size)]
     predictions = [""] * len(samples)
-    for idx in tqdm([ks[i:i + batch_size] for ks in by_length.values() for i in range(0, len(ks), batch_size)],
-                    desc="scoring", disable=not progress):
-        pixels = pixel_values(torch.stack([samples[k].image for k in idx]))
+    for idx in tqdm(batches, desc="scoring", disable=not progress):
+        pixels = pixel_values(torch.cat([samples[k].images for k in idx]))
         new = generate(torch.tensor([prompts[k] for k in idx]), pixels, max_new_tokens, tok.eos_id)
         for k, row in zip(idx, new.tolist()):
-            predictions[k] = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row, skip_special=True)
-    hits, counts = Counter(), Counter()
+            predictions[k] = tok.decode(_cut_at_eos(row), skip_special=True)
+    hits = Counter()
+    counts = Counter()
     for s, p in zip(samples, predictions):
         counts[s.category] += 1
         hits[s.category] += normalize_answer(p) == normalize_answer(s.answer)
-    order = [c for c in CATEGORIES if c in counts] + sorted(set(counts) - set(CATEGORIES))
+    known = CATEGORIES + MULTI_CATEGORIES
+    order = [c for c in known if c in counts] + sorted(set(counts) - set(known))
     accuracy = {c: hits[c] / counts[c] for c in order}
     return {"accuracy": accuracy, "n": {c: counts[c] for c in order},
-            "mean": sum(accuracy.values()) / max(1, len(accuracy)), "predictions": predictions}
+            "mean": sum(accuracy.values()) / len(accuracy), "predictions": predictions}
 
 
-def format_table(results: dict, chance: dict[str, float] | None = None) -> str:
+def _percent(x: float | None) -> str:
+    if x is None:
+        return f"{'-':>9}"
+    return f"{100 * x:8.1f}%"
+
+
+def format_table(results: dict, chance: dict[str, float] = CHANCE) -> str:
     """One column per `score` result ({name: result}), one row per category, chance beside each."""
-    chance = CHANCE if chance is None else chance
     cats = list(dict.fromkeys(c for r in results.values() for c in r["accuracy"]))
-    pct = lambda x: f"{100 * x:8.1f}%" if x is not None else f"{'-':>9}"
     lines = [f"{'category':<10}{'n':>6}{'chance':>9}" + "".join(f" {n[:13]:>13}" for n in results)]
     for c in cats:
         n = next(r["n"][c] for r in results.values() if c in r["n"])
-        lines.append(f"{c:<10}{n:>6}{pct(chance.get(c))}" + "".join(f" {pct(r['accuracy'].get(c)):>13}"
-                                                                    for r in results.values()))
+        row = "".join(f" {_percent(r['accuracy'].get(c)):>13}" for r in results.values())
+        lines.append(f"{c:<10}{n:>6}{_percent(chance.get(c))}" + row)
     known = [chance[c] for c in cats if c in chance]
-    mean_chance = sum(known) / len(known) if known else None
+    mean_chance = None
+    if known:
+        mean_chance = sum(known) / len(known)
     total = sum(next(iter(results.values()))["n"].values())
-    return "\n".join(lines + [f"{'mean':<10}{total:>6}{pct(mean_chance)}" + "".join(
-        f" {pct(r['mean']):>13}" for r in results.values())])
+    means = "".join(f" {_percent(r['mean']):>13}" for r in results.values())
+    return "\n".join(lines + [f"{'mean':<10}{total:>6}{_percent(mean_chance)}" + means])
 
 
 def main(argv: Sequence[str] | None = None):
-    p = argparse.ArgumentParser(description="Write (or preview) the benchmark as LLaVA-style JSONL and PNGs.")
+    p = argparse.ArgumentParser(description="Write (or preview) the benchmark as LLaVA-style "
+                                            "JSONL and PNGs.")
     p.add_argument("--out", help="folder for data.jsonl and images/ (default: print a preview)")
     p.add_argument("--n", type=int, default=1400, help="number of samples (categories round-robin)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--split", choices=("train", "test"), default="train", help="disjoint random streams")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="disjoint streams")
+    p.add_argument("--images", type=int, default=1, help="images per prompt (> 1: multi-image)")
     args = p.parse_args(argv)
+    if args.n < 1:
+        raise InputError(f"--n {args.n}: must be at least 1")
+    if args.images < 1:
+        raise InputError(f"--images {args.images}: must be at least 1")
     if args.out:
-        print(f"wrote {args.n} samples to {write_dataset(args.out, max(1, args.n), args.seed, args.split)}")
+        path = write_dataset(args.out, args.n, args.seed, args.split, n_images=args.images)
+        print(f"wrote {args.n} samples to {path}")
         return
-    for s in (sample_at(DataConfig(), args.split, args.seed, i) for i in range(14)):
+    cfg = DataConfig()
+    for i in range(14):
+        s = sample_at(cfg, args.split, args.seed, i)
         print(f"{s.category:<9} {s.question:<70} -> {s.answer}")
-    print(f"vocabulary {VOCAB_SIZE}; chance: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items()))
+    for i in range(2):
+        s = multi_sample_at(cfg, args.split, args.seed, i, 3)
+        print(f"{s.category:<9} {s.question.splitlines()[-1]:<70} -> {s.answer} (3 images)")
+    chances = ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items())
+    print(f"vocabulary {VOCAB_SIZE}; chance: {chances}")
 
 
 if __name__ == "__main__":

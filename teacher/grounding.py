@@ -108,8 +108,9 @@ def targets(batch: dict) -> tuple[dict, dict]:
     `queries`). A probe's target is its labels: look (b, T, 5) and answer (b, T, 10) the ATTRIBUTES
     of the named cells (first then last object word for answer), read (b, T, 1) the index in
     data.GLYPHS of the glyph read."""
-    ids, labels, cells = batch["input_ids"], batch["labels"], batch["cells"]  # (b, T), (b, T), (b, n)
+    ids, labels, cells = batch["input_ids"], batch["labels"], batch["cells"]  # (b, T), (b, T), (n_img, n)
     (b, T), grid, tok = ids.shape, round(cells.shape[1] ** 0.5), data.TOKENIZER
+    image_row = batch["image_row"]                                            # (n_img,): each image's row
     roles = {r: (torch.zeros(b, T, T), torch.zeros(b, T, dtype=torch.bool)) for r in GroundingConfig().roles()}
     probes = {p: (torch.full((b, T, n), data.IGNORE_INDEX), torch.zeros(b, T, dtype=torch.bool))
               for p, n in (("look", len(ATTRIBUTES)), ("answer", 2 * len(ATTRIBUTES)), ("read", 1))}
@@ -123,9 +124,10 @@ def targets(batch: dict) -> tuple[dict, dict]:
         probes[probe][1][k, t] = True
 
     for k in range(b):
-        row, row_cells = ids[k].tolist(), cells[k].tolist()
-        if tok.img_end_id not in row:
+        row = ids[k].tolist()
+        if tok.img_end_id not in row or int((image_row == k).sum()) != 1:    # one image per row only
             continue
+        row_cells = cells[image_row == k][0].tolist()
         q0 = row.index(tok.img_end_id)                                  # the question: </img> .. <|im_end|>
         words = [(t, WORD_OF_ID[row[t]]) for t in range(q0, row.index(tok.im_end_id, q0)) if row[t] in WORD_OF_ID]
         answer = (labels[k] != data.IGNORE_INDEX).nonzero().flatten().tolist()  # answer tokens + <|im_end|>

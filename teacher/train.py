@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import data
 import distill
+from convert import load_model
 from model import Model, ModelConfig
 from teacher import grounding
 from utils import arg, parse_config, run_main, write_json
@@ -49,6 +50,7 @@ class TeacherConfig(distill.LoopConfig):
     embed_std: float = arg(0.5, "std of the fresh token embeddings")
     eval_per_category: int = arg(50, "test questions per category scored after training (0: none)")
     hints: grounding.GroundingConfig = field(default_factory=grounding.GroundingConfig)   # the roles' heads
+    start: str = arg("", "fine-tune this checkpoint folder instead of training from scratch")
 
 
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor):
@@ -88,9 +90,12 @@ class TeacherLoss(nn.Module):
 def main(argv=None) -> dict:
     cfg = parse_config(TeacherConfig, argv, "Stage 0: train the tiny all-attention teacher (not part of mmMamba).")
     torch.manual_seed(cfg.seed)
-    model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
-    with torch.no_grad():
-        model.embed_tokens.weight.normal_(0.0, cfg.embed_std)
+    if cfg.start:
+        model = load_model(cfg.start).float()
+    else:
+        model = Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID))
+        with torch.no_grad():
+            model.embed_tokens.weight.normal_(0.0, cfg.embed_std)
     t0 = time.time()
     losses = distill.train(cfg, TeacherLoss(cfg, model), distill.train_samples(cfg))
     summary = {"stage": 0, "steps": cfg.steps, "seconds": round(time.time() - t0, 1), "loss_first": losses[0]

@@ -24,15 +24,19 @@ def image_key(uint8_image):
 def oracle(samples, answer=lambda s: s.answer):
     """A stub generate(): finds the sample from the prompt's question and the pixels, answers it
     correctly, then keeps emitting junk after <|im_end|> (which scoring must cut off)."""
-    table = {(s.question, image_key(s.image)): answer(s) for s in samples}
+    table = {(s.question.split("<image>\n")[-1], image_key(s.images)): answer(s) for s in samples}
 
     def generate(input_ids, pixel_values, max_new_tokens, eos_id):
         assert input_ids.dtype == torch.long and pixel_values.shape[1:] == (3, 128, 128)
         assert pixel_values.min() >= -1 and pixel_values.max() <= 1
         rows = []
-        for ids, px in zip(input_ids.tolist(), pixel_values):
+        first = 0
+        for ids in input_ids.tolist():
             text = TOKENIZER.decode(ids)
             question = text.split("<|im_start|>user\n")[-1].split("</img>\n")[-1].split("<|im_end|>")[0]
+            n_images = ids.count(data.IMG_CONTEXT_ID) // IMAGE_TOKENS
+            px = pixel_values[first:first + n_images]
+            first += n_images
             uint8 = ((px + 1) * 127.5).round().to(torch.uint8)
             out = TOKENIZER.encode(table[(question, image_key(uint8))]) + [eos_id]
             out = (out + TOKENIZER.encode(" junk junk junk junk"))[:max_new_tokens]
@@ -48,7 +52,7 @@ def garbage(input_ids, pixel_values, max_new_tokens, eos_id):
 def test_constants_and_config():
     assert IMAGE_TOKENS == 64 == CFG.n_cells
     assert NUM_CELL_CLASSES == 1 + len(SHAPES) * len(COLOR_NAMES) + len(data.GLYPHS)
-    assert set(data.CHANCE) == set(CATEGORIES) and max(data.CHANCE.values()) <= 0.5
+    assert set(data.CHANCE) == set(CATEGORIES) | {"recall"} and max(data.CHANCE.values()) <= 0.5
     for bad in (dict(image_size=100), dict(max_count=9), dict(text_max_len=1),
                 dict(categories=("exist", "nope")), dict(text_prob=2.0)):
         with pytest.raises(ValueError):
@@ -65,8 +69,8 @@ def test_cli_jsonl_round_trips(tmp_path, capsys):
         assert (s.question, s.answer, s.category, s.cells) == \
                (ref.question, ref.answer, ref.category, ref.cells)
         assert s.source.endswith(f"data.jsonl:{i + 1}")
-        assert torch.equal(s.image, ref.image)
-        assert torch.equal(s.image, image_to_tensor(draw_scene(s.cells, CFG)))
+        assert torch.equal(s.images, ref.images)
+        assert torch.equal(s.images[0], image_to_tensor(draw_scene(s.cells, CFG)))
     assert [s.category for s in loaded[:7]] == list(CATEGORIES)
 
 
@@ -100,8 +104,8 @@ def test_hand_written_dataset_loads_batches_and_scores(tmp_path):
     assert [s.question for s in samples] == ["What colour fills this picture?", "Sure?", "Décris l'image"]
     assert [s.answer for s in samples] == ["Red", "yes", "bleu uni"]
     assert [s.category for s in samples] == ["custom", "custom", "mine"]
-    assert all(s.cells is None and s.image.shape == (3, 128, 128) for s in samples)
-    assert samples[0].image[:, 0, 0].tolist() == [255, 0, 0]
+    assert all(s.cells is None and s.images.shape == (1, 3, 128, 128) for s in samples)
+    assert samples[0].images[0, :, 0, 0].tolist() == [255, 0, 0]
     batch = collate(samples)
     assert batch["pixel_values"].shape == (3, 3, 128, 128)
     assert (batch["cells"] == -100).all() and batch["cells"].shape == (3, 64)
@@ -333,3 +337,112 @@ def test_word_cells_are_the_cells_the_answer_depends_on():
             assert len(named) == 2 and (len(found[0]) > len(found[1])) == (a == "yes")
     with pytest.raises(ValueError, match="word must be one of"):
         grounding.word_cells("object", cells)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-image prompts
+
+def solve_multi(question, cells, n_images):
+    """An independent solver of the multi-image questions from the cells alone."""
+    scenes = [cells[k * 64:(k + 1) * 64] for k in range(n_images)]
+    objects = [[describe_cell(c)[1:] for c in scene if describe_cell(c)[0] == "object"] for scene in scenes]
+    m = re.fullmatch(r"In what image is there a (\w+) (\w+)\?", question)
+    if m:
+        holders = [k + 1 for k, objs in enumerate(objects) if (m[2], m[1]) in objs]
+        assert len(holders) == 1, (question, holders)
+        return str(holders[0])
+    m = re.fullmatch(r"In image (\d+), what (color|shape) is the (\w+)(?: object)?\?", question)
+    objs = objects[int(m[1]) - 1]
+    if m[2] == "color":
+        found = [color for shape, color in objs if shape == m[3]]
+        assert len(found) == 1
+        return found[0]
+    found = [shape for shape, color in objs if color == m[3]]
+    assert len(found) == 1
+    return found[0]
+
+
+@pytest.mark.parametrize("n_images", [1, 3, 8])
+def test_multi_image_answers_follow_from_cells(n_images):
+    answers = Counter()
+    for i in range(60):
+        target = [None, 0, n_images // 2, n_images - 1][i % 4]
+        s = data.multi_sample_at(CFG, "test", 0, i, n_images, target)
+        assert s.images.shape == (n_images, 3, 128, 128) and len(s.cells) == 64 * n_images
+        assert s.category == data.MULTI_CATEGORIES[i % 2]
+        for k in range(n_images):
+            assert torch.equal(s.images[k], image_to_tensor(draw_scene(s.cells[k * 64:(k + 1) * 64], CFG)))
+        labels, question = s.question.rsplit("\n", 1)
+        assert labels.split("\n") == [f"Image {k + 1}: <image>" for k in range(n_images)]
+        assert solve_multi(question, s.cells, n_images) == s.answer
+        if target is not None:
+            assert f" {target + 1}" in " " + question or s.answer == str(target + 1)
+        answers[s.category, s.answer] += 1
+        ids = TOKENIZER.encode(question)
+        assert TOKENIZER.decode(ids) == question and min(ids) >= len(TOKENIZER.specials) + 256  # known words
+    assert len(answers) > 6                           # answers vary
+
+
+def test_mix_groups_share_kind_and_image_count():
+    ks = set()
+    for group in range(6):
+        samples = [data.mix_sample_at(CFG, "train", 0, group * data.MIX_GROUP + i) for i in range(data.MIX_GROUP)]
+        counts = {len(s.images) for s in samples}
+        assert len(counts) == 1
+        if group % 2 == 0:
+            assert counts == {1} and {s.category for s in samples} <= set(CATEGORIES)
+            assert samples[0].question == sample_at(CFG, "train", 0, group * data.MIX_GROUP).question
+        else:
+            assert {s.category for s in samples} == set(data.MULTI_CATEGORIES)
+            ks |= counts
+    assert ks <= set(range(1, CFG.max_images + 1)) and len(ks) > 1
+    assert data.TASKS["single"] is sample_at and data.TASKS["mix"] is data.mix_sample_at
+
+
+def test_image_tags_place_images():
+    single = chat_ids([("<image>\nWhat color is the square?", "red")])
+    assert single == chat_ids([("What color is the square?", "red")])    # a leading tag: as before
+    ids, _ = chat_ids([("A: <image>\nB: <image>\nq?", "a")], n_images=2)
+    text = TOKENIZER.decode(ids)
+    image = "<img>" + "<IMG_CONTEXT>" * 64 + "</img>"
+    assert text == f"<s><|im_start|>user\nA: {image}\nB: {image}\nq?<|im_end|><|im_start|>assistant\na<|im_end|>"
+    untagged, _ = chat_ids([("q?", "a")], n_images=2)                     # no tags: images first
+    assert TOKENIZER.decode(untagged).startswith(f"<s><|im_start|>user\n{image}\n{image}\nq?")
+    with pytest.raises(ValueError, match="2 '<image>' tags for 3 images"):
+        chat_ids([("<image><image>q?", "a")], n_images=3)
+
+
+def test_multi_image_jsonl_round_trips_batches_and_scores(tmp_path, capsys):
+    data.main(["--out", str(tmp_path), "--n", "6", "--images", "2", "--seed", "1"])
+    assert "wrote 6 samples" in capsys.readouterr().out
+    loaded = load_jsonl(tmp_path / "data.jsonl")
+    assert len(list((tmp_path / "images").glob("*.png"))) == 12
+    for i, s in enumerate(loaded):
+        ref = data.multi_sample_at(CFG, "train", 1, i, 2)
+        assert (s.turns, s.category, s.cells) == (ref.turns, ref.category, ref.cells)
+        assert torch.equal(s.images, ref.images)
+    batch = collate(loaded[:2] + [sample_at(CFG, "train", 0, 0)])
+    assert batch["pixel_values"].shape == (5, 3, 128, 128) and batch["cells"].shape == (5, 64)
+    assert batch["image_row"].tolist() == [0, 0, 1, 1, 2]
+    assert batch["cells"][2:4].flatten().tolist() == loaded[1].cells
+    assert (batch["input_ids"] == data.IMG_CONTEXT_ID).sum(1).tolist() == [128, 128, 64]
+    result = score(oracle(loaded), loaded, batch_size=4)
+    assert result["mean"] == 1.0 and set(result["accuracy"]) == set(data.MULTI_CATEGORIES)
+    bad = tmp_path / "bad.jsonl"
+    rec = json.loads((tmp_path / "data.jsonl").read_text().splitlines()[0])
+    rec["conversations"][0]["value"] = "<image>\nonly one tag?"
+    bad.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 1 '<image>' tags for 2 images"):
+        load_jsonl(bad)
+
+
+@pytest.mark.parametrize("args, message", [(["--n", "-3"], "--n -3: must be at least 1"),
+                                           (["--images", "0"], "--images 0: must be at least 1")])
+def test_cli_rejects_bad_counts(tmp_path, args, message):
+    import subprocess
+    import sys
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "data.py", "--out", str(tmp_path / "x"), *args], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == f"error: {message}\n"
+    assert not (tmp_path / "x").exists()

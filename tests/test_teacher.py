@@ -121,8 +121,8 @@ def test_grounding_loss_matches_a_hand_computed_sum():
     model = tiny()
     samples = [data.sample_at(data.DataConfig(), "train", 3, i) for i in range(14)]  # two per category
     # a user's sample without cells (gather only) and one whose question names nothing (adds 0)
-    samples += [data.Sample(samples[0].image, [(samples[1].question, "2")], "custom", None),
-                data.Sample(samples[0].image, [("What is in the image?", "shapes")], "custom", samples[0].cells)]
+    samples += [data.Sample(samples[0].images, [(samples[1].question, "2")], "custom", None),
+                data.Sample(samples[0].images, [("What is in the image?", "shapes")], "custom", samples[0].cells)]
     batch = data.collate(samples)
     _, hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)
     probes = grounding.Probes(32)
