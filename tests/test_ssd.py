@@ -1,9 +1,7 @@
 """Tests of ssd.py against an independent token-loop oracle written here (float64)."""
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ssd
 from ssd import ssd_chunked, ssd_naive, ssd_step
@@ -107,14 +105,28 @@ def test_chunked_steps_are_the_papers_four():
     c = lambda t: t.reshape(1, 2, 8, *t.shape[2:])                     # two chunks of Q = 8
     cs = torch.cumsum(c(dt) * A, dim=2)
     S = ssd.chunk_states(c(x), c(dt), c(B), cs)
-    H_in, hT = ssd.pass_states(S, cs[:, :, -1], h0)
+    h_in, hT = ssd.pass_states(S, cs[:, :, -1], h0)
     _, h_mid = oracle(x[:, :8], dt[:, :8], A, B[:, :8], C[:, :8], None, h0)
     _, h_end = oracle(x, dt, A, B, C, None, h0)
     _, S1 = oracle(x[:, 8:], dt[:, 8:], A, B[:, 8:], C[:, 8:])          # chunk 1 from a zero state
-    assert rel(H_in[:, 0], h0) == 0 and rel(H_in[:, 1], h_mid) <= 1e-12 and rel(hT, h_end) <= 1e-12
+    assert rel(h_in[:, 0], h0) == 0 and rel(h_in[:, 1], h_mid) <= 1e-12 and rel(hT, h_end) <= 1e-12
     assert rel(S[:, 1], S1) <= 1e-12
-    y = ssd.chunk_outputs(c(x), c(dt), c(B), c(C), cs, H_in).reshape(1, 16, 2, 3)
+    y = ssd.chunk_outputs(c(x), c(dt), c(B), c(C), cs, h_in).reshape(1, 16, 2, 3)
     assert rel(y, oracle(x, dt, A, B, C, None, h0)[0]) <= 1e-12
+
+
+def test_implicit_attention_is_the_dual_form():
+    """y = M x per head, with M the materialised dual form, against the token loop (float64):
+    L = 13 is not a multiple of any chunk size; B has G = 2 groups, C one per head, x Hx = 2."""
+    x, dt, A, B, C, _, _ = inputs(b=2, L=13, H=4, P=3, G=2, N=5, Gc=4, Hx=2, D=False, h0=False)
+    M = ssd.implicit_attention(dt, A, B, C)                             # (b, H, L, L)
+    assert M.shape == (2, 4, 13, 13) and M.dtype == torch.float64
+    assert bool((M.triu(1) == 0).all())                                 # causal
+    y = torch.einsum("bhts,bshp->bthp", M, x.repeat_interleave(2, dim=2))
+    assert rel(y, oracle(x, dt, A, B, C)[0]) <= 1e-12
+    assert rel(y, ssd_naive(x, dt, A, B, C)[0]) <= 1e-12
+    M32 = ssd.implicit_attention(*(t.float() for t in (dt, A, B, C)))
+    assert M32.dtype == torch.float32 and rel(M32, M) <= 1e-5
 
 
 def test_chunked_float32_close_to_oracle():
