@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the library
 import distill  # noqa: E402
+import evaluate  # noqa: E402
 from convert import load_model  # noqa: E402
 from model import PLACEMENTS, make_layers  # noqa: E402
 from seed import seed_student  # noqa: E402
@@ -108,12 +109,12 @@ class Suite:
 
     def __init__(self, cfg: AblationConfig):
         self.cfg, self.teacher = cfg, distill.load_teacher(cfg.teacher)
-        self.tests = distill.test_samples(cfg.eval_per_category)
+        self.tests = evaluate.test_samples(cfg.eval_per_category)
 
     def score(self, model) -> tuple:
         t0 = time.time()
-        r = distill.evaluate(model, self.tests)
-        return {k: v for k, v in r.items() if k != "predictions"}, time.time() - t0
+        result = evaluate.accuracy(model, self.tests)
+        return result, time.time() - t0
 
     def keep(self, row: Row, seed: int) -> list:
         """The attention layers the row's hybrid keeps (auto: measured once per seed and k)."""

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import distill  # noqa: E402
 from convert import load_model  # noqa: E402
+from evaluate import evaluate, test_samples  # noqa: E402
 from model import Model  # noqa: E402
 
 
@@ -43,13 +44,13 @@ def main() -> None:
 
     teacher = distill.load_teacher(args.teacher)
     student = load_model(args.student).float()
-    tests = distill.test_samples(args.per_category)
-    base = distill.evaluate(teacher, tests)["accuracy"]
+    tests = test_samples(args.per_category)
+    base = evaluate(teacher, tests)["accuracy"]
     cats = list(base)
     print("layer  " + " ".join(f"{c:>8}" for c in cats))
     print("none   " + " ".join(f"{base[c]:8.2f}" for c in cats))
     for i in range(len(teacher.layers)):
-        acc = distill.evaluate(patched(teacher, student, i), tests)["accuracy"]
+        acc = evaluate(patched(teacher, student, i), tests)["accuracy"]
         print(f"{i:<6} " + " ".join(f"{acc[c]:8.2f}" for c in cats), flush=True)
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import data
 import distill
 from convert import load_model
+from evaluate import evaluate, test_samples
 from model import Model, ModelConfig
 from teacher import grounding
 from utils import arg, parse_config, run_main, write_json
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
     line = f"stage 0 done in {summary['seconds'] / 60:.1f} min: {cfg.steps} steps"
     line += f", loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses else ""
     if cfg.eval_per_category:
-        result = distill.evaluate(model, distill.test_samples(cfg.eval_per_category))
+        result = evaluate(model, test_samples(cfg.eval_per_category))
         summary["accuracy"] = {k: v for k, v in result.items() if k != "predictions"}
         print(data.format_table({"teacher": result}))
         line += f", accuracy {100 * result['mean']:.1f}%"

@@ -1,6 +1,6 @@
 """Tests of distill.py: trainable sets per stage, gradient isolation, losses against hand-computed
 values, the data-chosen placement against a hand-run swap, training on a user's JSONL, resume, NaN
-stop, one-line errors, DDP."""
+stop, one-line errors (and those of the --eval mode, evaluate.py), DDP."""
 import dataclasses
 import json
 import math
@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import distill
+import evaluate
 from model import Model, ModelConfig
 from seed import seed_student
 from utils import run_main
@@ -43,7 +44,7 @@ def cfg_for(stage, out, teacher_dir, **kw):
 def train(cfg, student, teacher):
     """One stage of the loop, as run_stage trains it."""
     distill.set_trainable(student, teacher, int(cfg.stage))
-    return distill.train(cfg, distill.Objective(cfg, student, teacher))
+    return distill.train(cfg, distill.Distillation(cfg, student, teacher))
 
 
 def test_default_model_matches_tokenizer():
@@ -97,23 +98,27 @@ def test_any_stage_can_start_from_the_seeded_student(teacher_dir, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_layer_loss_isolates_layers(stage):
-    """Teacher forcing: layer i's loss sends no gradient to any other layer's parameters."""
+    """Teacher forcing: each layer's parameters get the gradient of that layer's own term alone
+    (computed here by hand on the teacher's hidden state), none from another layer's."""
     torch.manual_seed(0)
     teacher = Model(tiny_cfg())
     student = seed_student(teacher, ["mamba2"] * 3)
-    distill.set_trainable(student, teacher, stage)
-    obj = distill.Objective(distill.TrainConfig(stage=str(stage)), student, teacher)
-    obj.layers = [1]
+    names = distill.set_trainable(student, teacher, stage)
     batch = data.collate([data.sample_at(data.DataConfig(), "train", 0, i) for i in range(2)])
-    loss, count = distill.layer_loss(obj, batch)
+    loss, count = distill.layer_loss(student, teacher, batch, distill.TrainConfig(stage=str(stage)))
     (loss / count).backward()
-    for n, p in student.named_parameters():
-        if not p.requires_grad:
-            assert p.grad is None, n
-        elif n.startswith("layers.1."):
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert p.grad is None or p.grad.abs().sum() == 0, n
+    params = dict(student.named_parameters())
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        _, hidden = teacher(batch["input_ids"], batch["pixel_values"], return_hidden=True)
+    for i in range(3):
+        u = teacher.layers[i].attention_norm(hidden[i]).detach()
+        d = (student.layers[i].mixer.heads(u) - teacher.layers[i].mixer.heads(u).detach()).pow(2)
+        own = 1000 * (d.mean(dim=(2, 3)) * mask).sum() / count                 # layer i's term alone
+        mine = [n for n in names if n.startswith(f"layers.{i}.")]
+        grads = torch.autograd.grad(own, [params[n] for n in mine])
+        for n, g in zip(mine, grads):
+            assert params[n].grad.abs().sum() > 0 and torch.allclose(params[n].grad, g, rtol=1e-4, atol=1e-9), n
     assert all(p.grad is None for p in teacher.parameters())
 
 
@@ -123,7 +128,7 @@ def test_layer_loss_is_the_mean_squared_error_by_hand():
     student = seed_student(teacher, ["mamba2"] * 3)
     batch = data.collate([data.sample_at(data.DataConfig(), "train", 0, i) for i in range(3)])
     with torch.no_grad():
-        total, count = distill.layer_loss(distill.Objective(distill.TrainConfig(stage="1"), student, teacher), batch)
+        total, count = distill.layer_loss(student, teacher, batch, distill.TrainConfig(stage="1"))
         _, hidden = teacher(batch["input_ids"], batch["pixel_values"], return_hidden=True)
         errs = []
         for i in range(3):
@@ -173,6 +178,24 @@ def test_kl_answer_mask_is_the_positions_that_predict_answer_tokens():
     assert torch.equal(distill.kl_mask(batch, "all"), batch["attention_mask"])
 
 
+def test_train_batch_draws_from_the_task(monkeypatch):
+    """The synthetic stream is data.TASKS[--task] at the global sample indices of the step."""
+    cfg = distill.TrainConfig(stage="1", batch_size=4, seed=3)
+    assert cfg.task == "single" and data.TASKS["single"] is data.sample_at
+    field = {f.name: f for f in dataclasses.fields(distill.TrainConfig)}["task"]
+    assert field.metadata["choices"] == tuple(data.TASKS)
+    want = data.collate([data.sample_at(data.DataConfig(), "train", 3, 4 + i) for i in range(4)])   # step 1
+    got = distill.train_batch(1, cfg, 0, 1, None)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v, k
+    drawn = []
+    monkeypatch.setitem(data.TASKS, "other", lambda c, split, seed, j: drawn.append((split, seed, j))
+                        or data.sample_at(c, split, seed, j))
+    distill.train_batch(1, dataclasses.replace(cfg, task="other"), 1, 2, None)              # rank 1 of 2
+    assert drawn == [("train", 3, 6), ("train", 3, 7)]
+
+
 def test_wsd_schedule():
     cfg = distill.TrainConfig(stage="1", steps=100, lr=1.0)
     lrs = [distill.wsd_lr(s, cfg) for s in range(100)]
@@ -207,11 +230,11 @@ def test_data_chosen_placement_is_the_largest_swap_kl():
 def test_stage1_lowers_layer_mse(teacher_dir, tmp_path):
     teacher = distill.load_teacher(teacher_dir)
     cfg = cfg_for(1, tmp_path, teacher_dir, steps=15, lr=1e-2)
-    batch = data.collate(distill.test_samples(2))
+    batch = data.collate(evaluate.test_samples(2))
     student = distill.build_student(cfg, teacher)
-    before = distill.mean_layer_mse(student, teacher, batch)
+    before = distill.layer_mse(student, teacher, batch)
     train(cfg, student, teacher)
-    assert distill.mean_layer_mse(student, teacher, batch) < 0.5 * before
+    assert distill.layer_mse(student, teacher, batch) < 0.5 * before
 
 
 class Interrupt(Exception):
@@ -253,9 +276,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(teacher_dir, tmp_path, monkeyp
     teacher = distill.load_teacher(teacher_dir)
     calls, real = [0], distill.STAGES[1].loss
 
-    def nan_at_step_3(obj, batch):
+    def nan_at_step_3(student, teacher, batch, cfg):
         calls[0] += 1
-        total, n = real(obj, batch)
+        total, n = real(student, teacher, batch, cfg)
         return (total * float("nan"), n) if calls[0] == 4 else (total, n)
     monkeypatch.setitem(distill.STAGES, 1, dataclasses.replace(distill.STAGES[1], loss=nan_at_step_3))
     cfg = cfg_for(1, tmp_path, teacher_dir)
@@ -275,7 +298,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(teacher_dir, tmp_path, monkeyp
 
 
 def test_a_nan_loss_ends_the_command_with_one_line(teacher_dir, tmp_path, monkeypatch, capsys):
-    nan = lambda obj, batch: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(1.0))
+    nan = lambda *args: (torch.tensor(float("nan"), requires_grad=True), torch.tensor(1.0))
     monkeypatch.setitem(distill.STAGES, 1, dataclasses.replace(distill.STAGES[1], loss=nan))
     with pytest.raises(SystemExit) as e:
         run_main(lambda: distill.main(["--stage", "1", "--teacher", teacher_dir, "--out", str(tmp_path)]),
@@ -286,10 +309,16 @@ def test_a_nan_loss_ends_the_command_with_one_line(teacher_dir, tmp_path, monkey
 
 def test_command_line_errors_are_one_line(tmp_path):
     """Bad input ends with `error: <file>: <problem>` and exit status 1, no traceback."""
+    (tmp_path / "empty.jsonl").write_text("\n")
     cases = [(["--stage", "1", "--teacher", str(tmp_path / "nope")], "nope: no such checkpoint folder"),
              (["--stage", "2", "--out", str(tmp_path)], "stage1/model: stage 2 starts from this folder"),
              (["--eval", "checkpoints/teacher", "--eval-data", str(tmp_path / "x.jsonl")],
               "x.jsonl: no such data file"),
+             (["--eval", "checkpoints/teacher", "--eval-data", str(tmp_path / "empty.jsonl")],
+              "empty.jsonl: no samples"),
+             (["--eval", "checkpoints/teacher", "--eval-per-category", "0"],
+              "--eval-per-category 0: no test questions"),
+             (["--stage", "1", "--data", str(tmp_path / "empty.jsonl")], "empty.jsonl: no samples"),
              (["--steps", "0"], "--steps 0: must be positive")]
     for args, message in cases + [(["-m", "teacher.train", "--lr", "0"], "--lr 0.0: must be positive")]:
         args = args if args[0] == "-m" else ["distill.py", *args]
