@@ -1,85 +1,166 @@
-"""Import real checkpoints (HoVLE, InternLM2, Llama) into this project's `Model`.
+"""Import real checkpoints into this project's `Model`; export students in the released layout.
 
 Paper map (mmMamba, arXiv 2502.13145): Sec. 3.1 / 4.1 distil HoVLE-2.6B (8 holistic-embedding layers
-+ InternLM2-1.8B) into Mamba-2. `load_model` reads such a teacher, as published, so that
-`distill.py --teacher DIR` can start from it; `Model.save_pretrained` writes students back out.
++ InternLM2-1.8B) into Mamba-2 (mmMamba-linear) or a hybrid keeping some attention layers
+(mmMamba-hybrid, Table 6). `load_model` reads the teacher and the released students as published,
+so that distill.py, bench.py and ask.py take them; `save_mmmamba` writes a student as the official
+conversion does.
 
 API
     load_model(dir, dtype=None, device="cpu", img_context_id=None) -> Model   any supported folder
-    detect_format(dir) -> "native" (Model.save_pretrained) | "hovle" | "internlm2" | "llama"
+    detect_format(dir) -> "native" | "hovle" | "mmmamba" | "internlm2" | "llama"
+    save_mmmamba(model, dir, like, dtype=torch.bfloat16)      the released layout
     split_wqkv / fuse_wqkv      InternLM2's fused q/k/v rows <-> separate wq, wk, wv
-A folder holds config.json and model.safetensors, or model.safetensors.index.json ({"weight_map":
-{key: shard file}}) and its shards. Tensors keep their stored dtype unless `dtype`. Errors are
-`CheckpointError` (a ValueError) naming the file and, where there is one, the key. No q/k rows
-are permuted: model.rope is the rotate-half layout (dim i pairs with i + P/2), as HF Llama and
-InternLM2 compute it and HF Llama stores q/k rows (Meta's interleaved .pth files are not read).
+A folder holds config.json and model.safetensors, or model.safetensors.index.json and its shards.
+Tensors keep their stored dtype unless `dtype`. Errors are `CheckpointError` (a ValueError), one
+line naming the file and the key. No q/k rows are permuted: model.rope is rotate-half, as stored.
 
-HoVLE (inferred from the published HoVLE / mmMamba code; the weights cannot be downloaded here):
-config.json has "architectures": ["InternVLChatModel"] (or "HoVLE...") with embedding_config and
-llm_config, which must agree on hidden_size, heads, KV heads, intermediate_size, rope_theta and
-rms_norm_eps (model.py has one set for all layers); force_image_size must equal
-embedding_config.image_size (no resized position table). Unsupported: biases, rope_scaling, non-SiLU
-MLPs, layer scale, special_token_maps, pixel_shuffle_loc other than "pre", a tied LM head. Our layers:
-embedding_model.encoder.{i} then language_model.model.layers.{i}, all "attn", positions 0..L-1 through
-both (key names: the tables below); the position table (1, 1 + g*g, D) has the unused class token in
-slot 0 ((1, g*g, D) is accepted too). Ignored, as by HoVLE's forward: the class embedding,
-language_model.model.tok_embeddings (the LLM receives hidden states), *.rotary_emb.inv_freq; any other
-key is an error.
+HoVLE (layout of hovle/*.py in the official repository): embedding_config and llm_config must agree
+on every shape model.py shares between layers. Unsupported: biases, rope_scaling, non-SiLU MLPs,
+layer scale, special_token_maps, pixel_shuffle_loc other than "pre", a tied LM head. Our layers:
+embedding_model.encoder.{i}, then language_model.model.layers.{i}. The position table has the
+unused class token in slot 0; the class embedding and the LLM's tok_embeddings are unused by HoVLE's
+forward (the LLM receives hidden states) and ignored. Any other unknown key is an error.
 
-Text-only decoders (InternLM2ForCausalLM; LlamaForCausalLM, its LM head tied to embed_tokens when
-tie_word_embeddings and no lm_head is stored) get a zero vision stem of the smallest shape (1 px images
-and patches, one image token): IMAGES ARE NOT SUPPORTED, and the id img_context_id (default: the last
-vocabulary id) is reserved: a prompt with it makes Model.embed raise; generate() never emits it.
+mmMamba (the released students): HoVLE's layout plus per-half "layers_block_type" lists ("mamba2"
+or "mha"), as convert_weight.py writes them (config edits: CONVERT_WEIGHT#L76-L102). A "mamba2"
+layer's `attention.` holds what Mamba2_Attention.change_weight leaves (MAMBA2#L779-L806):
+    wvkqgdt.weight           ((2 H + 2 Hkv) P + H, D): rows [v | k | q | g | dt] -> wv wk wq wg wdt
+    conv1d.weight, .bias     ((H + 2 Hkv) P, 1, 2), ((H + 2 Hkv) P,): channels [v, k, q], d_conv 2
+    dt_bias, A_log_bias      (H,), (H,): dt = softplus(W_dt u + dt_bias), A = -exp(A_log_bias)
+    g_norm_swish_gate.weight (P,): RMSNorm over P (eps 1e-5), times SiLU(g)
+    o_proj.weight            (D, H P): the attention's wo
+as its forward uses them (MAMBA2#L669-L748). Where the official code is silent or inconsistent:
+  - an "mha" layer holds HoVLE's attention (wqkv, wo): the hybrid trains its kept layers as attention
+    (src/model/convert_model.py#L20-L55), while convert_weight.py as written converts every layer;
+  - "architectures" is the string "mmMambaChatModel", as convert_weight.py#L81 writes it (a list is
+    read too); transformers finds the remote classes through auto_map;
+  - export writes HoVLE's unused tensors (class embedding, position slot 0: zeros; tok_embeddings: a
+    copy of the text embeddings), so that the key list is the official one.
+CONVERT_WEIGHT = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/convert_weight.py
+MAMBA2 = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/src/model/linear_attention/mamba2.py
+
+Text-only decoders (InternLM2ForCausalLM; LlamaForCausalLM, tied LM head allowed) get a zero vision
+stem of the smallest shape: IMAGES ARE NOT SUPPORTED, and img_context_id (default: the last id) is
+reserved: a prompt with it makes Model.embed raise; generate() never emits it.
 
 Run:  python convert.py SRC --out DIR [--dtype float32] [--img-context-id N]
+      python convert.py STUDENT --out DIR --mmmamba --like HOVLE_TEACHER_DIR
+Tests: python -m pytest -q tests/test_convert.py tests/test_released.py
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import glob
 import os
+import shutil
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model import Model, ModelConfig
-from utils import InputError, read_json, run_main
+from utils import InputError, atomic_write, read_json, run_main, write_json
 
 INDEX_NAME = "model.safetensors.index.json"
+E = "embedding_model."
+L = "language_model."
 
 
 class CheckpointError(InputError):
     """A checkpoint that cannot be read or does not fit its model; the message names the file."""
-ARCHITECTURES = {"InternVLChatModel": "hovle", "internvl_chat": "hovle", "InternLM2ForCausalLM": "internlm2",
-                 "internlm2": "internlm2", "LlamaForCausalLM": "llama", "llama": "llama"}   # also model_type
-E, L = "embedding_model.", "language_model."
-# {our key: theirs} in layer i (InternLM2 also stores attention.wqkv: split_wqkv), outside the layers
-LLAMA_LAYER = {"attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+
+
+# config.json's "architectures" (or "model_type") -> format
+ARCHITECTURES = {"InternVLChatModel": "hovle", "internvl_chat": "hovle",
+                 "mmMambaChatModel": "mmmamba", "mmMamba_chat": "mmmamba",
+                 "InternLM2ForCausalLM": "internlm2", "internlm2": "internlm2",
+                 "LlamaForCausalLM": "llama", "llama": "llama"}
+BLOCK_TYPES = {"mha": "attn", "mamba2": "mamba2"}       # mmMamba's layers_block_type -> model.py's
+BLOCK_NAMES = {"attn": "mha", "mamba2": "mamba2"}
+
+# {our key: theirs} in one layer; the fused projections are split apart (_layer_names)
+NORMS_FFN = {f"{k}.weight": f"{k}.weight" for k in ("attention_norm", "ffn_norm", "feed_forward.w1",
+                                                    "feed_forward.w2", "feed_forward.w3")}
+INTERNLM2_LAYER = {"mixer.wo.weight": "attention.wo.weight", **NORMS_FFN}
+MAMBA2_LAYER = {"mixer.conv1d.weight": "attention.conv1d.weight",
+                "mixer.conv1d.bias": "attention.conv1d.bias",
+                "mixer.dt_bias": "attention.dt_bias", "mixer.A_log": "attention.A_log_bias",
+                "mixer.norm.weight": "attention.g_norm_swish_gate.weight",
+                "mixer.wo.weight": "attention.o_proj.weight", **NORMS_FFN}
+LLAMA_LAYER = {"attention_norm.weight": "input_layernorm.weight",
+               "ffn_norm.weight": "post_attention_layernorm.weight",
                **{f"mixer.w{x}.weight": f"self_attn.{x}_proj.weight" for x in "qkvo"},
-               **{f"feed_forward.w{j}.weight": f"mlp.{x}_proj.weight" for j, x in zip("132", ("gate", "up", "down"))}}
-INTERNLM2_LAYER = {"mixer.wo.weight": "attention.wo.weight", **{f"{k}.weight": f"{k}.weight" for k in (
-    "attention_norm", "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}}
-OUTSIDE = {"hovle": (E + "llm_text_embeddings.weight", L + "model.norm.weight", L + "output.weight"),  # embedding,
-           "internlm2": ("model.tok_embeddings.weight", "model.norm.weight", "output.weight"),    # final norm,
-           "llama": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")}         # LM head
-HOVLE_VISION = {f"vision.{k}": E + k.replace("patch_", "vision_embeddings.patch_") for k in (
-    "patch_embedding.weight", "patch_embedding.bias", "pixel_shuffle_proj.0.weight", "pixel_shuffle_proj.0.bias",
-    "pixel_shuffle_proj.2.weight", "pixel_shuffle_proj.2.bias")}
-SHAPE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_attention_heads": "n_heads",
-              "num_key_value_heads": "n_kv_heads", "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"}
+               **{f"feed_forward.w{j}.weight": f"mlp.{x}_proj.weight"
+                  for j, x in zip("132", ("gate", "up", "down"))}}
+
+# {our key: theirs} outside the layers
+HOVLE_OUTSIDE = {"embed_tokens.weight": E + "llm_text_embeddings.weight",
+                 "vision.patch_embedding.weight": E + "vision_embeddings.patch_embedding.weight",
+                 "vision.patch_embedding.bias": E + "vision_embeddings.patch_embedding.bias",
+                 **{f"vision.pixel_shuffle_proj.{k}": f"{E}pixel_shuffle_proj.{k}"
+                    for k in ("0.weight", "0.bias", "2.weight", "2.bias")},
+                 "norm.weight": L + "model.norm.weight", "lm_head.weight": L + "output.weight"}
+OUTSIDE = {"hovle": HOVLE_OUTSIDE, "mmmamba": HOVLE_OUTSIDE,
+           "internlm2": {"embed_tokens.weight": "model.tok_embeddings.weight",
+                         "norm.weight": "model.norm.weight", "lm_head.weight": "output.weight"},
+           "llama": {"embed_tokens.weight": "model.embed_tokens.weight",
+                     "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}}
+POSITIONS = E + "vision_embeddings.position_embedding"      # (1, 1 + g*g, D): class token first
+CLASS_TOKEN = E + "vision_embeddings.class_embedding"        # unused by HoVLE's forward
+LLM_TOKENS = L + "model.tok_embeddings.weight"               # unused: the LLM gets hidden states
+SHAPE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+              "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+              "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"}
+
+# convert_weight.py#L81-L89: the classes of the remote code (.py files) of the released folders
+CHAT_AUTO_MAP = {"AutoConfig": "configuration_mmMamba_chat.mmMambaChatConfig",
+                 "AutoModel": "modeling_mmMamba_chat.mmMambaChatModel",
+                 "AutoModelForCausalLM": "modeling_mmMamba_chat.mmMambaChatModel"}
+LLM_AUTO_MAP = {"AutoConfig": "configuration_mmMamba.mmMambaConfig",
+                "AutoModel": "modeling_mmMamba.mmMambaForCausalLM",
+                "AutoModelForCausalLM": "modeling_mmMamba.mmMambaForCausalLM"}
+# what the tokenizer's and the model's save_pretrained write beside them (convert_weight.py#L73-L74)
+COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", "generation_config.json")
 
 
 def split_wqkv(w: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
     """InternLM2's fused `wqkv.weight` ((H + 2 Hkv) P, D), rows laid out (kv head j, slot, p) with
     slots [q x G, k, v] (G = H / Hkv), into wq (H P, D), wk (Hkv P, D), wv (Hkv P, D). Query head
     j*G + g is slot g of KV group j, so query head h uses KV head h // G, as model.Attention."""
-    G, D = n_heads // n_kv_heads, w.shape[-1]
+    G = n_heads // n_kv_heads
+    D = w.shape[-1]
     w = w.reshape(n_kv_heads, G + 2, head_dim, D)
-    return tuple(t.reshape(-1, D).clone(memory_format=torch.contiguous_format) for t in (w[:, :G], w[:, G], w[:, -1]))
+    parts = (w[:, :G], w[:, G], w[:, -1])
+    return tuple(t.reshape(-1, D).clone(memory_format=torch.contiguous_format) for t in parts)
 
 
 def fuse_wqkv(wq, wk, wv, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """The inverse of split_wqkv."""
-    return torch.cat([w.unflatten(0, (n_kv_heads, -1, head_dim)) for w in (wq, wk, wv)], dim=1).flatten(0, 2)
+    groups = [w.unflatten(0, (n_kv_heads, -1, head_dim)) for w in (wq, wk, wv)]
+    return torch.cat(groups, dim=1).flatten(0, 2)
+
+
+def _layer_names(fmt: str, kind: str) -> tuple:
+    """For a layer of `kind` in format `fmt`: ({our key: theirs}, their fused projection's key, our
+    projections in its row order). InternLM2's wqkv interleaves by KV group (split_wqkv); mmMamba's
+    wvkqgdt stacks [v | k | q | g | dt] (MAMBA2#L797)."""
+    if fmt == "llama":
+        return LLAMA_LAYER, None, ()
+    if kind == "mamba2":
+        return MAMBA2_LAYER, "attention.wvkqgdt.weight", ("wv", "wk", "wq", "wg", "wdt")
+    return INTERNLM2_LAYER, "attention.wqkv.weight", ("wq", "wk", "wv")
+
+
+def _prefix(i: int, n_embed: int, fmt: str) -> str:
+    """Their key prefix of layer i: HoVLE's embedding model holds the first n_embed layers."""
+    if fmt not in ("hovle", "mmmamba"):
+        return f"model.layers.{i}."
+    if i < n_embed:
+        return f"{E}encoder.{i}."
+    return f"{L}model.layers.{i - n_embed}."
 
 
 class _Tensors:
@@ -87,21 +168,24 @@ class _Tensors:
     `get` checks presence and shape before reading and records the key as used."""
 
     def __init__(self, directory: str):
-        self.listing, single = os.path.join(directory, INDEX_NAME), os.path.join(directory, "model.safetensors")
-        self.files, self.used = {}, set()
+        self.listing = os.path.join(directory, INDEX_NAME)
+        single = os.path.join(directory, "model.safetensors")
+        self.files = {}
+        self.used = set()
         if os.path.isfile(self.listing):
             weight_map = read_json(self.listing).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{self.listing}: missing key 'weight_map' (an object: tensor key -> shard file)")
+                raise CheckpointError(f"{self.listing}: missing key 'weight_map' (tensor key -> shard)")
         elif os.path.isfile(single):
-            self.listing, weight_map = single, dict.fromkeys(self._open(single).keys(), "model.safetensors")
+            self.listing = single
+            weight_map = dict.fromkeys(self._open(single).keys(), "model.safetensors")
         else:
-            raise CheckpointError(f"{directory}: no weights: expected model.safetensors or {INDEX_NAME} with shards")
+            raise CheckpointError(f"{directory}: no weights: expected model.safetensors or {INDEX_NAME}")
         self.where = {key: os.path.join(directory, str(shard)) for key, shard in weight_map.items()}
         for key, path in self.where.items():
             if not os.path.isfile(path):
-                raise CheckpointError(f"{self.listing}: shard '{weight_map[key]}' (holding key '{key}', among "
-                                      f"others) is missing: no file {path}")
+                raise CheckpointError(f"{self.listing}: shard '{weight_map[key]}' (holding key '{key}', "
+                                      f"among others) is missing: no file {path}")
 
     def _open(self, path: str):
         if path not in self.files:
@@ -115,10 +199,12 @@ class _Tensors:
         """The tensor `key`, which must have one of `shapes` (derived from config.json)."""
         if key not in self.where:
             raise CheckpointError(f"{self.listing}: missing key '{key}'")
-        path, f = self.where[key], self._open(self.where[key])
+        path = self.where[key]
+        f = self._open(path)
         if key not in f.keys():
             raise CheckpointError(f"{path}: missing key '{key}' (listed in {self.listing})")
-        shape, shapes = tuple(f.get_slice(key).get_shape()), [tuple(s) for s in shapes]
+        shape = tuple(f.get_slice(key).get_shape())
+        shapes = [tuple(s) for s in shapes]
         if shape not in shapes:
             raise CheckpointError(f"{path}: key '{key}' has shape {shape}, expected "
                                   f"{' or '.join(map(str, shapes))} from config.json")
@@ -130,33 +216,37 @@ class _Tensors:
         return {ours: self.get(theirs, own[ours].shape) for ours, theirs in names.items()}
 
     def check_all_used(self) -> None:
-        left = sorted(k for k in self.where if k not in self.used and not k.endswith("rotary_emb.inv_freq"))
+        left = sorted(k for k in self.where if k not in self.used and not k.endswith("inv_freq"))
         if left:
-            raise CheckpointError(f"{self.listing}: {len(left)} unexpected key(s) that model.py has no place for "
-                                  f"(e.g. attention biases): {', '.join(map(repr, left[:20]))}"
-                                  + (f" and {len(left) - 20} more" if len(left) > 20 else ""))
+            raise CheckpointError(f"{self.listing}: {len(left)} unexpected key(s) that model.py has no "
+                                  f"place for (e.g. attention biases): {', '.join(map(repr, left))}")
 
 
 class _Config:
-    """A config.json: values by dotted key ("llm_config.vocab_size"), null as absent, required unless a default."""
+    """A config.json: values by dotted key ("llm_config.vocab_size"), null as absent."""
 
     def __init__(self, path: str):
-        self.path, self.d = path, read_json(path)
+        self.path = path
+        self.d = read_json(path)
 
     def get(self, key: str, default=...):
+        """The value at `key`; without `default`, an absent key is an error."""
         v = self.d
         for part in key.split("."):
             v = v.get(part) if isinstance(v, dict) else None
         if v is None and default is ...:
             raise CheckpointError(f"{self.path}: missing key '{key}'")
-        return default if v is None else v
+        if v is None:
+            return default
+        return v
 
     def number(self, key: str, default=..., integer: bool = True):
         v = self.get(key, default)
-        if not isinstance(v, int if integer else (int, float)) or isinstance(v, bool) or not v > 0:
-            raise CheckpointError(f"{self.path}: key '{key}' must be a positive "
-                                  f"{'integer' if integer else 'number'}, got {v!r}")
-        return v if integer else float(v)
+        if integer and (not isinstance(v, int) or isinstance(v, bool) or not v > 0):
+            raise CheckpointError(f"{self.path}: key '{key}' must be a positive integer, got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise CheckpointError(f"{self.path}: key '{key}' must be a positive number, got {v!r}")
+        return v
 
     def supported(self, *checks) -> None:
         """Each check (dotted key, the one supported value, why) passes if the key is absent or has it."""
@@ -171,106 +261,150 @@ def _decoder(c: _Config, prefix: str, bias_key: str) -> dict:
                 (prefix + "mlp_bias", False, "model.py's MLP has no biases"),
                 (prefix + "hidden_act", "silu", "model.py's MLP is SwiGLU with SiLU"),
                 (prefix + "rope_scaling", None, "model.rope has no scaling"))
-    num = lambda key, *default: c.number(prefix + key, *default)
-    D, H = num("hidden_size"), num("num_attention_heads")
-    if (head_dim := c.get(prefix + "head_dim", None)) is not None and head_dim * H != D:
+    keys = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
+    out = {k: c.number(prefix + k) for k in keys}
+    H = out["num_attention_heads"]
+    out["num_key_value_heads"] = c.number(prefix + "num_key_value_heads", H)
+    out["rope_theta"] = float(c.number(prefix + "rope_theta", 10000.0, integer=False))
+    out["rms_norm_eps"] = float(c.number(prefix + "rms_norm_eps", 1e-6, integer=False))
+    head_dim = c.get(prefix + "head_dim", None)
+    if head_dim is not None and head_dim * H != out["hidden_size"]:
         raise CheckpointError(f"{c.path}: key '{prefix}head_dim' = {head_dim!r} != hidden_size / "
-                              f"num_attention_heads = {D / H:g}: not supported by model.py")
-    return {"hidden_size": D, "num_attention_heads": H, "num_key_value_heads": num("num_key_value_heads", H),
-            "intermediate_size": num("intermediate_size"), "rope_theta": num("rope_theta", 10000.0, False),
-            "rms_norm_eps": num("rms_norm_eps", 1e-6, False), "num_hidden_layers": num("num_hidden_layers")}
+                              f"num_attention_heads: not supported by model.py")
+    return out
 
 
-def _model_config(c: _Config, dec: dict, n_layers: int, **kw) -> ModelConfig:
+def _model_config(c: _Config, dec: dict, layers: list, **kw) -> ModelConfig:
     try:
-        return ModelConfig(**{o: dec[hf] for hf, o in SHAPE_KEYS.items()}, layers=["attn"] * n_layers, **kw)
+        return ModelConfig(**{ours: dec[theirs] for theirs, ours in SHAPE_KEYS.items()}, layers=layers, **kw)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{c.path}: the config does not give a valid model: {e}") from e
 
 
-def _hovle_config(c: _Config) -> ModelConfig:
-    e, l = "embedding_config.", "llm_config."
+def _kinds(c: _Config, prefix: str, n_layers: int, fmt: str) -> list:
+    """model.py's layer kinds of one half of HoVLE: all attention, or mmMamba's layers_block_type."""
+    if fmt == "hovle":
+        return ["attn"] * n_layers
+    key = prefix + "layers_block_type"
+    kinds = c.get(key)
+    if not isinstance(kinds, list) or len(kinds) != n_layers:
+        raise CheckpointError(f"{c.path}: key '{key}' must list {n_layers} block types "
+                              f"({prefix}num_hidden_layers), got {kinds!r}")
+    for i, kind in enumerate(kinds):
+        if kind not in BLOCK_TYPES:
+            raise CheckpointError(f"{c.path}: key '{key}' has unknown block type {kind!r} at index {i} "
+                                  f"(known: {', '.join(map(repr, BLOCK_TYPES))})")
+    return [BLOCK_TYPES[k] for k in kinds]
+
+
+def _hovle_config(c: _Config, fmt: str) -> ModelConfig:
+    """HoVLE's or mmMamba's config.json as a ModelConfig; both halves must share every shape."""
+    e = "embedding_config."
+    l = "llm_config."
     c.supported((e + "use_pixel_shuffle_proj", True, "model.py's vision stem always has the shuffle MLP"),
                 (e + "pixel_shuffle_loc", "pre", "model.py shuffles the patches before the layers"),
                 (e + "use_ls", False, "model.py has no layer scale"),
                 (e + "num_channels", 3, "model.py's patch conv takes RGB"),
                 (e + "special_token_maps", {}, "no embeddings beyond the LLM vocabulary"),
                 (l + "tie_word_embeddings", False, "HoVLE's LM head is language_model.output"))
-    ce, cl = _decoder(c, e, "attention_bias"), _decoder(c, l, "bias")
-    vocab, image_size, D = c.number(l + "vocab_size"), c.number(e + "image_size"), ce["hidden_size"]
+    ce = _decoder(c, e, "attention_bias")
+    cl = _decoder(c, l, "bias")
+    vocab = c.number(l + "vocab_size")
+    size = c.number(e + "image_size")
+    D = ce["hidden_size"]
     pairs = [(e + k, ce[k], l + k, cl[k]) for k in SHAPE_KEYS] + [
         (e + "llm_hidden_size", c.number(e + "llm_hidden_size", D), e + "hidden_size", D),
         (e + "llm_vocab_size", c.number(e + "llm_vocab_size", vocab), l + "vocab_size", vocab),
-        ("force_image_size", c.get("force_image_size", image_size), e + "image_size", image_size)]
+        ("force_image_size", c.get("force_image_size", size), e + "image_size", size)]
     for key_a, a, key_b, b in pairs:
         if a != b:
-            raise CheckpointError(f"{c.path}: key '{key_a}' = {a!r} but '{key_b}' = {b!r}; model.py needs them "
-                                  f"equal (one set of shapes for all layers, no resized position table)")
-    ratio = c.number(e + "downsample_ratio", c.number("downsample_ratio", 0.5, False), False)
-    img = c.get(e + "img_context_token_id", c.get("img_context_token_id", 92546))  # InternLM2's <IMG_CONTEXT>
-    return _model_config(c, ce, ce["num_hidden_layers"] + cl["num_hidden_layers"], vocab_size=vocab,
-                         image_size=image_size, patch_size=c.number(e + "patch_size"), pixel_shuffle_ratio=ratio,
-                         img_context_id=img)
+            raise CheckpointError(f"{c.path}: key '{key_a}' = {a!r} but '{key_b}' = {b!r}; model.py needs "
+                                  f"them equal (one set of shapes for all layers, no resized positions)")
+    layers = _kinds(c, e, ce["num_hidden_layers"], fmt) + _kinds(c, l, cl["num_hidden_layers"], fmt)
+    ratio = c.number(e + "downsample_ratio", c.number("downsample_ratio", 0.5, integer=False),
+                     integer=False)
+    img = c.get(e + "img_context_token_id", c.get("img_context_token_id", 92546))  # <IMG_CONTEXT>
+    return _model_config(c, ce, layers, vocab_size=vocab, image_size=size, pixel_shuffle_ratio=ratio,
+                         patch_size=c.number(e + "patch_size"), img_context_id=img)
 
 
 def _text_config(c: _Config, fmt: str) -> ModelConfig:
+    bias_key = "attention_bias"
     if fmt == "internlm2":
         c.supported(("tie_word_embeddings", False, "InternLM2 stores its LM head as output.weight"))
-    dec, vocab = _decoder(c, "", "bias" if fmt == "internlm2" else "attention_bias"), c.number("vocab_size")
-    return _model_config(c, dec, dec["num_hidden_layers"], vocab_size=vocab, image_size=1, patch_size=1,
-                         pixel_shuffle_ratio=1.0, img_context_id=vocab - 1)
+        bias_key = "bias"
+    dec = _decoder(c, "", bias_key)
+    vocab = c.number("vocab_size")
+    return _model_config(c, dec, ["attn"] * dec["num_hidden_layers"], vocab_size=vocab, image_size=1,
+                         patch_size=1, pixel_shuffle_ratio=1.0, img_context_id=vocab - 1)
 
 
 def detect_format(directory: str) -> str:
-    """"native" (a config.json of Model.save_pretrained), "hovle", "internlm2" or "llama"."""
-    d = read_json(path := os.path.join(directory, "config.json"))
+    """"native" (Model.save_pretrained's config.json), "hovle", "mmmamba", "internlm2" or "llama"."""
+    path = os.path.join(directory, "config.json")
+    d = read_json(path)
     if "layers" in d:
         return "native"
     hovle = "embedding_config" in d and "llm_config" in d
-    arch = d.get("architectures") or d.get("model_type") or ("InternVLChatModel" if hovle else None)
-    arch = str(arch[0] if isinstance(arch, list) and arch else arch)
-    fmt = "hovle" if arch.startswith("HoVLE") else ARCHITECTURES.get(arch)
+    arch = d.get("architectures") or d.get("model_type")
+    if hovle and not arch:
+        arch = "InternVLChatModel"
+    if isinstance(arch, list) and arch:
+        arch = arch[0]
+    fmt = ARCHITECTURES.get(str(arch))
+    if str(arch).startswith("HoVLE"):
+        fmt = "hovle"
     if fmt is None:
-        raise CheckpointError(f"{path}: unknown architecture '{arch}' (key 'architectures'); supported: "
-                              f"{', '.join(a for a in ARCHITECTURES if a[0].isupper())}, HoVLE*, or our own format")
-    if fmt == "hovle" and not hovle:
-        raise CheckpointError(f"{path}: architecture '{arch}' without keys 'embedding_config' and 'llm_config': "
-                              f"only HoVLE (holistic embedding, no separate vision encoder) is supported")
+        known = ", ".join(a for a in ARCHITECTURES if a[0].isupper())
+        raise CheckpointError(f"{path}: unknown architecture '{arch}' (key 'architectures'); "
+                              f"supported: {known}, HoVLE*, or our own format")
+    if fmt in ("hovle", "mmmamba") and not hovle:
+        raise CheckpointError(f"{path}: architecture '{arch}' without keys 'embedding_config' and "
+                              f"'llm_config': only HoVLE (no separate vision encoder) is supported")
     return fmt
 
 
 def _layer(t: _Tensors, cfg: ModelConfig, own: dict, i: int, prefix: str, fmt: str) -> dict:
-    """Layer i's weights under model.py's keys, from theirs under `prefix`; `own`: our state dict (shapes)."""
-    names = {f"layers.{i}.{ours}": prefix + theirs
-             for ours, theirs in (LLAMA_LAYER if fmt == "llama" else INTERNLM2_LAYER).items()}
-    if fmt == "llama":
-        return t.take(own, names)
-    H, Hkv, P, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_size
-    wqkv = split_wqkv(t.get(prefix + "attention.wqkv.weight", ((H + 2 * Hkv) * P, D)), H, Hkv, P)
-    return {**dict(zip((f"layers.{i}.mixer.{w}.weight" for w in ("wq", "wk", "wv")), wqkv)), **t.take(own, names)}
+    """Layer i's weights under our keys, from theirs under `prefix`; `own`: our state dict (shapes)."""
+    names, fused, parts = _layer_names(fmt, cfg.layers[i])
+    ours = f"layers.{i}."
+    state = t.take(own, {ours + k: prefix + v for k, v in names.items()})
+    if fused is None:
+        return state
+    rows = [own[f"{ours}mixer.{p}.weight"].shape[0] for p in parts]
+    w = t.get(prefix + fused, (sum(rows), cfg.hidden_size))
+    if fused.endswith("wqkv.weight"):
+        pieces = split_wqkv(w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    else:
+        pieces = [x.clone() for x in w.split(rows)]
+    state.update({f"{ours}mixer.{p}.weight": x for p, x in zip(parts, pieces)})
+    return state
 
 
 def _state(t: _Tensors, cfg: ModelConfig, c: _Config, own: dict, fmt: str) -> dict:
-    """HoVLE: the embedding model's layers then the LLM's. A text-only decoder: its layers, a zero
-    vision stem (see the module docstring) and, if tied, the LM head copied from the embedding."""
-    n_embed = c.get("embedding_config.num_hidden_layers") if fmt == "hovle" else 0
-    state, names = {}, dict(zip(("embed_tokens.weight", "norm.weight", "lm_head.weight"), OUTSIDE[fmt]))
+    """HoVLE / mmMamba: the embedding model's layers then the LLM's. A text-only decoder: its
+    layers, a zero vision stem and, if tied, the LM head copied from the embedding."""
+    hovle = fmt in ("hovle", "mmmamba")
+    n_embed = 0
+    if hovle:
+        n_embed = c.get("embedding_config.num_hidden_layers")
+    state = {}
     for i in range(cfg.n_layers):
-        prefix = f"{E}encoder.{i}." if i < n_embed else f"{L}model.layers.{i - n_embed}."
-        state.update(_layer(t, cfg, own, i, prefix if fmt == "hovle" else f"model.layers.{i}.", fmt))
-    if fmt == "hovle":
-        g2, D = cfg.grid ** 2, cfg.hidden_size
-        pos = t.get(E + "vision_embeddings.position_embedding", (1, 1 + g2, D), (1, g2, D))
-        state["vision.position_embedding"] = pos[:, -g2:].clone()      # without the class token's slot 0
-        t.used |= {E + "vision_embeddings.class_embedding", L + "model.tok_embeddings.weight"}  # unused by HoVLE
-        names.update(HOVLE_VISION)
+        state.update(_layer(t, cfg, own, i, _prefix(i, n_embed, fmt), fmt))
+    names = dict(OUTSIDE[fmt])
+    if hovle:
+        g2 = cfg.grid ** 2
+        pos = t.get(POSITIONS, (1, 1 + g2, cfg.hidden_size), (1, g2, cfg.hidden_size))
+        state["vision.position_embedding"] = pos[:, -g2:].clone()    # without the class token's slot
+        t.used |= {CLASS_TOKEN, LLM_TOKENS}
     elif c.get("tie_word_embeddings", False) and "lm_head.weight" not in t.where:
         del names["lm_head.weight"]
     state.update(t.take(own, names))
-    if fmt != "hovle":                                     # tied: a copy (safetensors will not save one
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"].clone())  # tensor under two names)
+    if not hovle:            # tied: a copy (safetensors will not save one tensor under two names)
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"].clone())
         dtype = state["embed_tokens.weight"].dtype
-        state.update({k: torch.zeros(v.shape, dtype=dtype) for k, v in own.items() if k.startswith("vision.")})
+        vision = [k for k in own if k.startswith("vision.")]
+        state.update({k: torch.zeros(own[k].shape, dtype=dtype) for k in vision})
     return state
 
 
@@ -281,14 +415,16 @@ def load_model(directory: str, dtype: torch.dtype | None = None, device="cpu",
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such checkpoint folder")
     fmt = detect_format(directory)
+    c = _Config(os.path.join(directory, "config.json"))
     if fmt == "native":                                  # Model.save_pretrained's folder
-        cfg = ModelConfig.load(os.path.join(directory, "config.json"))
+        cfg = ModelConfig.load(c.path)
         if img_context_id not in (None, cfg.img_context_id):
             raise InputError(f"{directory}: img_context_id is fixed by its config.json "
                              f"({cfg.img_context_id}), got {img_context_id}")
+    elif fmt in ("hovle", "mmmamba"):
+        cfg = _hovle_config(c, fmt)
     else:
-        c = _Config(os.path.join(directory, "config.json"))
-        cfg = _hovle_config(c) if fmt == "hovle" else _text_config(c, fmt)
+        cfg = _text_config(c, fmt)
     if img_context_id is not None and fmt != "native":
         if not isinstance(img_context_id, int) or not 0 <= img_context_id < cfg.vocab_size:
             raise InputError(f"{directory}: img_context_id {img_context_id!r} is not a token id "
@@ -296,37 +432,147 @@ def load_model(directory: str, dtype: torch.dtype | None = None, device="cpu",
         cfg = cfg.replace(img_context_id=img_context_id)
     with torch.device("meta"):
         model = Model(cfg)
+    own = model.state_dict()
     t = _Tensors(directory)
     if fmt == "native":                                  # every tensor as stored, checked below
         state = {k: t._open(path).get_tensor(k) for k, path in t.where.items()}
     else:
-        state = _state(t, cfg, c, model.state_dict(), fmt)
+        state = _state(t, cfg, c, own, fmt)
         t.check_all_used()
-    own = model.state_dict()
-    problems = {"missing keys": sorted(set(own) - set(state)), "unexpected keys": sorted(set(state) - set(own)),
-                "mis-shaped keys": sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                                          for k in set(own) & set(state) if state[k].shape != own[k].shape)}
+    shared = set(own) & set(state)
+    problems = {"missing keys": sorted(set(own) - set(state)),
+                "unexpected keys": sorted(set(state) - set(own)),
+                "mis-shaped keys": sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model "
+                                          f"{tuple(own[k].shape)}" for k in shared
+                                          if state[k].shape != own[k].shape)}
     if any(problems.values()):
-        raise CheckpointError(f"{t.listing}: tensors do not fit the model config\n" + "\n".join(
-            f"  {name} ({len(ks)}): {', '.join(ks)}" for name, ks in problems.items() if ks))
+        raise CheckpointError(f"{t.listing}: tensors do not fit the model config: " + "; ".join(
+            f"{name} ({len(ks)}): {', '.join(ks)}" for name, ks in problems.items() if ks))
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Export in the released layout
+
+def _official_state(model: Model, n_embed: int) -> dict:
+    """{their key: tensor} of `model` in the released layout, the embedding model's keys first."""
+    cfg = model.cfg
+    state = model.state_dict()
+    pos = state["vision.position_embedding"]                               # (1, g*g, D)
+    slot0 = pos.new_zeros(1, 1, cfg.hidden_size)
+    out = {CLASS_TOKEN: slot0.clone(), POSITIONS: torch.cat([slot0, pos], dim=1)}
+    outside = {theirs: state[ours] for ours, theirs in HOVLE_OUTSIDE.items()}
+    out.update({k: v for k, v in outside.items() if k.startswith(E)})
+    for i in range(cfg.n_layers):
+        names, fused, parts = _layer_names("mmmamba", cfg.layers[i])
+        prefix = _prefix(i, n_embed, "mmmamba")
+        out.update({prefix + theirs: state[f"layers.{i}.{ours}"] for ours, theirs in names.items()})
+        weights = [state[f"layers.{i}.mixer.{p}.weight"] for p in parts]
+        if fused.endswith("wqkv.weight"):
+            out[prefix + fused] = fuse_wqkv(*weights, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        else:
+            out[prefix + fused] = torch.cat(weights)
+    out.update({k: v for k, v in outside.items() if k.startswith(L)})
+    out[LLM_TOKENS] = state["embed_tokens.weight"].clone()
+    return out
+
+
+def _write_shards(directory: str, tensors: dict, shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most shard_bytes (no tensor split) and their index, named
+    as transformers' save_pretrained names them."""
+    groups = [{}]
+    size = 0
+    for key, v in tensors.items():
+        if groups[-1] and size + v.nbytes > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][key] = v
+        size += v.nbytes
+    names = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    if len(groups) == 1:
+        names = ["model.safetensors"]
+    for name, group in zip(names, groups):
+        write = functools.partial(save_file, group, metadata={"format": "pt"})
+        atomic_write(os.path.join(directory, name), write)
+    if len(groups) > 1:
+        weight_map = {key: name for name, group in zip(names, groups) for key in group}
+        write_json(os.path.join(directory, INDEX_NAME), {
+            "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+            "weight_map": dict(sorted(weight_map.items()))})
+
+
+def save_mmmamba(model: Model, directory: str, like: str, dtype: torch.dtype = torch.bfloat16,
+                 shard_bytes: int = 5 * 10 ** 9) -> None:
+    """Write `model` as convert_weight.py writes a student: the released key names and shapes, every
+    tensor in `dtype` (bfloat16: the script loads the teacher in bfloat16), shards of <= 5 GB
+    (transformers' default) with an index, and config.json: that of `like` (the HoVLE teacher, or an
+    mmMamba folder, of the model's shapes: the script starts from the teacher's) with the script's
+    edits for the model's layer kinds. The tokenizer files of `like` are copied, and the remote code
+    (*.py) of an mmMamba `like`: it is what runs the released students (docs/usage.md)."""
+    fmt = detect_format(like)
+    c = _Config(os.path.join(like, "config.json"))
+    if fmt not in ("hovle", "mmmamba"):
+        raise InputError(f"{like}: `like` must be a HoVLE or mmMamba folder, got format '{fmt}'")
+    cfg = model.cfg
+    theirs = _hovle_config(c, fmt)
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "n_layers",
+              "image_size", "patch_size", "pixel_shuffle_ratio", "img_context_id", "rope_theta"):
+        if getattr(theirs, f) != getattr(cfg, f):
+            raise InputError(f"{c.path}: its {f} is {getattr(theirs, f)}, the model's {getattr(cfg, f)}")
+    n_embed = c.get("embedding_config.num_hidden_layers")
+    kinds = [BLOCK_NAMES[k] for k in cfg.layers]
+    d = dict(c.d, _name_or_path=directory, architectures="mmMambaChatModel", model_type="mmMamba_chat",
+             torch_dtype=str(dtype).removeprefix("torch."))           # convert_weight.py#L80-L102
+    d["auto_map"] = {**d.get("auto_map", {}), **CHAT_AUTO_MAP}
+    d["embedding_config"] = dict(d["embedding_config"], model_type="mmMamba_embedding",
+                                 layers_block_type=kinds[:n_embed])
+    d["llm_config"] = dict(d["llm_config"], architectures="mmMambaForCausalLM", model_type="mmMamba",
+                           layers_block_type=kinds[n_embed:])
+    d["llm_config"]["auto_map"] = {**d["llm_config"].get("auto_map", {}), **LLM_AUTO_MAP}
+    os.makedirs(directory, exist_ok=True)
+    state = _official_state(model, n_embed)
+    _write_shards(directory, {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()},
+                  shard_bytes)
+    write_json(os.path.join(directory, "config.json"), d)
+    copied = [os.path.join(like, f) for f in COPIED_FILES]
+    if fmt == "mmmamba":
+        copied += glob.glob(os.path.join(like, "*.py"))
+    for path in filter(os.path.isfile, copied):
+        shutil.copyfile(path, os.path.join(directory, os.path.basename(path)))
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Import a HoVLE / InternLM2 / Llama checkpoint folder (or describe ours)")
+    p = argparse.ArgumentParser(description="Read a checkpoint folder (HoVLE, mmMamba, InternLM2, "
+                                            "Llama, ours); write it in our format or mmMamba's")
     p.add_argument("src", help="checkpoint folder (any supported format)")
-    p.add_argument("--out", help="write the imported model to this folder")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], help="cast the weights")
-    p.add_argument("--img-context-id", type=int, help="<IMG_CONTEXT> token id (HoVLE default: from config.json)")
+    p.add_argument("--out", help="write the model to this folder (our format unless --mmmamba)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="cast the weights (--mmmamba: default bfloat16)")
+    p.add_argument("--img-context-id", type=int, help="<IMG_CONTEXT> token id (HoVLE: from config.json)")
+    p.add_argument("--mmmamba", action="store_true", help="write --out in the released mmMamba layout")
+    p.add_argument("--like", help="with --mmmamba: the HoVLE teacher (or an mmMamba) folder whose "
+                                  "config and tokenizer the export starts from, as convert_weight.py")
     args = p.parse_args(argv)
-    model = load_model(args.src, dtype=args.dtype and getattr(torch, args.dtype), img_context_id=args.img_context_id)
-    if args.out:
+    if args.mmmamba and not (args.out and args.like):
+        raise InputError("--mmmamba: needs --out and --like")
+    dtype = None
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    model = load_model(args.src, dtype=dtype, img_context_id=args.img_context_id)
+    if args.mmmamba:
+        save_mmmamba(model, args.out, args.like, getattr(torch, args.dtype or "bfloat16"))
+    elif args.out:
         model.save_pretrained(args.out)
-    c, n_params = model.cfg, sum(p.numel() for p in model.parameters())
-    print(f"{args.src}: {detect_format(args.src)}, {n_params:,} parameters, {c.n_layers} layers, hidden "
-          f"{c.hidden_size}, {c.n_heads} heads / {c.n_kv_heads} KV heads, vocab {c.vocab_size}, {c.image_size} px / "
-          f"{c.patch_size} px patches -> {c.image_tokens} image tokens" + (f"; wrote {args.out}" if args.out else ""))
+    c = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    line = (f"{args.src}: {detect_format(args.src)}, {n_params:,} parameters, {c.n_layers} layers "
+            f"({c.layers.count('attn')} attention), hidden {c.hidden_size}, {c.n_heads} heads / "
+            f"{c.n_kv_heads} KV heads, vocab {c.vocab_size}, {c.image_size} px / {c.patch_size} px "
+            f"patches -> {c.image_tokens} image tokens")
+    if args.out:
+        line += f"; wrote {args.out}"
+    print(line)
 
 
 if __name__ == "__main__":
