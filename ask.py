@@ -1,58 +1,102 @@
 """Ask a model about an image: the first thing one does with a vision-language model.
 
-Loads any checkpoint folder this project reads (the teacher, a linear or hybrid student), puts the
-image (any size: resized as data.py's loader does) and the question into the chat template of
-data.py, and prints the answer (greedy, or sampled with --temperature) and the decoding speed.
-The tokenizer is data.py's, so the checkpoint must use its vocabulary (all of this project's do).
+Two kinds of folder, told apart by the tokenizer.model a HoVLE / mmMamba folder holds:
+  - this project's checkpoints (the teacher, linear or hybrid students): data.py's tokenizer and
+    chat template, the image (any size) resized to the model's (128 px) as data.py's loader does;
+  - HoVLE, mmMamba-linear, mmMamba-hybrid (the paper's teacher and its released students, or a
+    student exported with `convert.py --mmmamba`): their own tokenizer, InternVL's 448 px tiles and
+    thumbnail, HoVLE's chat template (hovle.py); up to --max-tiles tiles (6: VLMEvalKit's default
+    for most benchmarks in eval/mmMamba.py; every tile is 256 more prompt tokens).
+Prints the answer (greedy, or sampled with --temperature) and the speed. On a CPU in float32, or
+--dtype bfloat16: a 2.6B-parameter model needs about 10.2 GB, or 5.1 GB.
 
 Run:  python ask.py checkpoints/teacher picture.png "What color is the square?"
+      python ask.py path/to/mmMamba-linear photo.jpg "Describe the image." --dtype bfloat16
       python data.py --out data/test --n 14 --split test     # pictures with known answers
+Tests: python -m pytest -q tests/test_ask.py tests/test_released.py
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import time
 
 import torch
 
 import data
+import hovle
 from convert import load_model
 from model import Model
 from utils import InputError, run_main
 
 
+def ours(model: Model, folder: str, image_file: str, question: str) -> tuple:
+    """(prompt ids, pixel values, eos id, decode) with data.py's tokenizer and template."""
+    cfg = model.cfg
+    if cfg.vocab_size != data.VOCAB_SIZE or cfg.img_context_id != data.IMG_CONTEXT_ID:
+        raise InputError(f"{folder}: its vocabulary ({cfg.vocab_size} tokens) is not data.py's "
+                         f"tokenizer's ({data.VOCAB_SIZE}), and the folder has no tokenizer.model")
+    image = data.load_image(image_file, cfg.image_size)
+    ids, _ = data.chat_ids([(question, "")], n_image_tokens=cfg.image_tokens, last_answer=False)
+    decode = functools.partial(data.TOKENIZER.decode, skip_special=True)
+    return ids, data.pixel_values(image[None]), data.TOKENIZER.eos_id, decode
+
+
+def released(model: Model, folder: str, image_file: str, question: str, max_tiles: int) -> tuple:
+    """(prompt ids, pixel values, eos id, decode) as HoVLE's chat() builds them (hovle.py)."""
+    hovle.check_template(folder)
+    tok = hovle.Tokenizer(folder)
+    cfg = model.cfg
+    image_id = tok.specials["<IMG_CONTEXT>"]
+    if tok.vocab_size > cfg.vocab_size or image_id != cfg.img_context_id:
+        raise InputError(f"{folder}: its tokenizer ({tok.vocab_size} ids, <IMG_CONTEXT> {image_id}) does "
+                         f"not fit config.json ({cfg.vocab_size} ids, <IMG_CONTEXT> {cfg.img_context_id})")
+    pixels = hovle.tiles(hovle.load_image(image_file), cfg.image_size, max_tiles)
+    ids = tok.encode(hovle.chat_prompt(question, cfg.image_tokens * len(pixels)))
+    return ids, pixels, tok.specials["<|im_end|>"], lambda new: tok.decode(new).strip()  # as chat()
+
+
 @torch.no_grad()
-def ask(model: Model, image: torch.Tensor, question: str, max_new_tokens: int = 32, temperature: float = 0.0,
-        seed: int = 0) -> tuple:
-    """(answer, number of new tokens, seconds) for a uint8 (3, S, S) image and a question."""
-    ids, _ = data.chat_ids([(question, "")], n_image_tokens=model.cfg.image_tokens, last_answer=False)
+def answer(model: Model, ids: list, pixels: torch.Tensor, eos_id: int, max_new_tokens: int = 32,
+           temperature: float = 0.0, seed: int = 0) -> tuple:
+    """(new token ids up to eos, number of new tokens, seconds) of model.generate."""
+    pixels = pixels.to(model.lm_head.weight.dtype)
+    generator = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    new = model.generate(torch.tensor([ids]), data.pixel_values(image[None]), max_new_tokens, data.TOKENIZER.eos_id,
-                         temperature, torch.Generator().manual_seed(seed))[0].tolist()
+    new = model.generate(torch.tensor([ids]), pixels, max_new_tokens, eos_id, temperature, generator)
+    new = new[0].tolist()
     seconds = time.perf_counter() - t0
-    answer = new[:new.index(data.TOKENIZER.eos_id)] if data.TOKENIZER.eos_id in new else new
-    return data.TOKENIZER.decode(answer, skip_special=True), len(new), seconds
+    if eos_id in new:
+        return new[:new.index(eos_id)], len(new), seconds
+    return new, len(new), seconds
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Ask a checkpoint a question about an image.")
-    p.add_argument("checkpoint", help="a checkpoint folder (teacher, linear or hybrid student)")
+    p.add_argument("checkpoint", help="a folder: ours (teacher, student) or HoVLE / mmMamba")
     p.add_argument("image", help="an image file (any size and format pillow reads)")
     p.add_argument("question", help='e.g. "What color is the square?"')
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="of the sampling")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights")
+    p.add_argument("--max-tiles", type=int, default=6, help="HoVLE / mmMamba: 448 px tiles at most")
     args = p.parse_args(argv)
-    model = load_model(args.checkpoint).float().eval()
-    if model.cfg.vocab_size != data.VOCAB_SIZE or model.cfg.img_context_id != data.IMG_CONTEXT_ID:
-        raise InputError(f"{args.checkpoint}: its vocabulary ({model.cfg.vocab_size} tokens) is not data.py's "
-                         f"tokenizer's ({data.VOCAB_SIZE}); ask needs the tokenizer the model was trained with")
-    image = data.load_image(args.image, model.cfg.image_size)
-    answer, n, seconds = ask(model, image, args.question, args.max_new_tokens, args.temperature, args.seed)
-    print(answer)
-    print(f"({n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s; {model.cfg.layers.count('attn')} of "
-          f"{model.cfg.n_layers} layers attention)")
-    return answer
+    model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype)).eval()
+    if os.path.isfile(os.path.join(args.checkpoint, "tokenizer.model")):
+        prompt = released(model, args.checkpoint, args.image, args.question, args.max_tiles)
+    else:
+        prompt = ours(model, args.checkpoint, args.image, args.question)
+    ids, pixels, eos_id, decode = prompt
+    new, n, seconds = answer(model, ids, pixels, eos_id, args.max_new_tokens, args.temperature,
+                             args.seed)
+    text = decode(new)
+    print(text)
+    n_attn = model.cfg.layers.count("attn")
+    print(f"({n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, prompt {len(ids)} tokens "
+          f"prefilled first; {n_attn} of {model.cfg.n_layers} layers attention, {args.dtype})")
+    return text
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Tests of ask.py: the bundled teacher answers a question about an image data.py drew (one it gets
-right on the test split), from a PNG file; bad input is one line naming the file, exit status 1."""
+"""Tests of ask.py with this project's checkpoints: the bundled teacher answers a question about an
+image data.py drew (one it gets right on the test split), from a PNG file; bad input is one line
+naming the file, exit status 1. With a released (HoVLE / mmMamba) folder: tests/test_released.py."""
 import os
 import subprocess
 import sys
@@ -15,18 +16,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "checkpoints", "teacher")
 
 
+def first_image(s):
+    """The sample's image, uint8 (3, S, S): data.Sample has `image`, or `images` (K, 3, S, S)."""
+    if hasattr(s, "images"):
+        return s.images[0]
+    return s.image
+
+
 def test_teacher_answers_a_question_about_a_png(tmp_path, capsys):
     teacher = load_model(TEACHER).eval()
     samples = [data.sample_at(data.DataConfig(), "test", 0, i) for i in range(14)]
     result = data.score(lambda ids, px, n, eos: teacher.generate(ids, px, n, eos), samples)
     right = [s for s, p in zip(samples, result["predictions"]) if p == s.answer]
     s = next(s for s in right if s.category == "color")               # one the teacher gets right
-    Image.fromarray(s.image.permute(1, 2, 0).numpy()).save(tmp_path / "scene.png")
+    image = first_image(s)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "scene.png")
     answer = ask.main([TEACHER, str(tmp_path / "scene.png"), s.question])
     out = capsys.readouterr().out
     assert answer == s.answer and out.splitlines()[0] == s.answer and "tokens/s" in out
     # any size: the same scene at 300 x 300 is resized as the loader does, and still answered
-    Image.fromarray(s.image.permute(1, 2, 0).numpy()).resize((300, 300), Image.NEAREST).save(tmp_path / "big.png")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).resize((300, 300), Image.NEAREST).save(tmp_path / "big.png")
     assert data.load_image(tmp_path / "big.png").shape == (3, 128, 128)
     assert ask.main([TEACHER, str(tmp_path / "big.png"), s.question]) == s.answer
     # a linear student built from the teacher loads and answers too (sampling, reproducibly)
