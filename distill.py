@@ -27,8 +27,8 @@ masked, lr and steps):
 
 A run folder holds one folder per stage: stageK/ckpt.pt (resume with --resume), stageK/model/ (the
 student when the stage ends), stageK/log.jsonl, stageK/summary.json; `--stage all` adds fidelity.png.
-Evaluation and the stage reports are in evaluate.py; the data-chosen hybrid placement
-(`--placement auto`, not in the paper) is at the end of this file.
+Evaluation and the stage reports are in evaluate.py; a data-chosen hybrid placement (not in the
+paper) is experiments/ablate.py's `choose_attention_layers`.
 
 Run:
     python distill.py --stage 1                    # then 2, 3 (each starts from the previous one)
@@ -61,7 +61,7 @@ from evaluate import (accuracy, evaluate_folder, mixer_fidelity, plot_fidelity, 
                       teacher_accuracy, test_samples)
 from model import PLACEMENTS, Mamba2Mixer, Model, make_layers
 from seed import MODES, seed_student
-from utils import InputError, arg, atomic_write, parse_config, run_main, write_json
+from utils import InputError, all_sum, arg, atomic_write, dist_setup, parse_config, run_main, write_json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,12 +170,8 @@ def build_student(cfg: TrainConfig, teacher: Model) -> Model:
                                     "or seeded)")
         student = load_model(src).float()
     if cfg.stage == "3" and cfg.layers == "hybrid":
-        if cfg.placement == "auto":
-            keep = choose_attention_layers(student, teacher, cfg.n_attn, cfg.seed)
-        else:
-            kinds = make_layers(teacher.cfg.n_layers, cfg.n_attn, cfg.placement)
-            keep = [i for i, kind in enumerate(kinds) if kind == "attn"]
-        keep_attention(student, teacher, keep)
+        kinds = make_layers(teacher.cfg.n_layers, cfg.n_attn, cfg.placement)
+        keep_attention(student, teacher, [i for i, kind in enumerate(kinds) if kind == "attn"])
     return student
 
 
@@ -265,23 +261,6 @@ def train_batch(step: int, cfg: LoopConfig, rank: int, world: int, samples: list
     return data.collate([samples[j % len(samples)] for j in idx])
 
 
-def dist_setup() -> tuple:
-    """(rank, world size); under torchrun, initialises torch.distributed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
 def wsd_lr(step: int, cfg: LoopConfig) -> float:
     """Warmup-stable-decay: linear warmup, constant, linear decay to 0 at the last step."""
     warm = max(1, round(cfg.warmup_frac * cfg.steps))
@@ -369,8 +348,8 @@ class TrainConfig(LoopConfig):
     layers: str = arg("linear", "student layout: all Mamba-2, or a hybrid keeping --n-attn attention "
                                 "layers in stage 3", choices=("linear", "hybrid"))
     n_attn: int = arg(2, "attention layers a hybrid keeps")
-    placement: str = arg("head-interleaved", "where a hybrid keeps them (auto: chosen from data)",
-                         choices=PLACEMENTS + ("auto",))
+    placement: str = arg("head-interleaved", "where a hybrid keeps them (the paper's Table 6)",
+                         choices=PLACEMENTS)
     init: str = arg("inherit+mimic", "seeding mode (the paper's Table 4)", choices=MODES)
     mse_scale: float = arg(1000.0, "stages 1-2: loss scale (the official code's)")
     kl_tokens: str = arg("all", "stage 3: KL on all tokens or on the positions predicting the answer",
@@ -449,39 +428,6 @@ def main(argv=None):
         print(f"per-layer fidelity: {plot_fidelity(cfg.out, summaries)}")
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------
-# Not in the paper: the data-chosen hybrid placement (--placement auto)
-
-@torch.no_grad()
-def choose_attention_layers(student: Model, teacher: Model, k: int, seed: int = 0, n_batches: int = 4) -> list:
-    """The k layers whose linearisation costs the most. For each layer i, swap the teacher's
-    attention in layer i alone for the student's (stage-2) mixer and measure the per-token KL from
-    the intact teacher on training batches; keep attention where that KL is largest. It asks what
-    stage 3 is judged on (the output distribution) in the context of every other layer, which a
-    per-layer MSE cannot: layers differ in scale and in how much of their error the rest of the
-    network undoes."""
-    batches = [train_batch(s, TrainConfig(stage="3", seed=seed, data=""), 0, 1, None) for s in range(n_batches)]
-    logits = [teacher(b["input_ids"], b["pixel_values"]) for b in batches]
-    kl = []
-    for i in range(teacher.cfg.n_layers):
-        kept = teacher.layers[i]
-        teacher.layers[i] = student.layers[i]                                       # swap one layer in ...
-        try:
-            sums = []
-            counts = []
-            for t, b in zip(logits, batches):
-                s, n = kl_per_token(t, teacher(b["input_ids"], b["pixel_values"]), b["attention_mask"])
-                sums.append(s)
-                counts.append(n)
-        finally:
-            teacher.layers[i] = kept                                                # ... and back
-        kl.append((sum(sums) / sum(counts)).item())
-    order = sorted(range(len(kl)), key=lambda i: -kl[i])
-    print("layer swap KL (student mixer in one teacher layer): "
-          + ", ".join(f"{i}: {v:.4f}" for i, v in enumerate(kl)))
-    return sorted(order[:k])
 
 
 if __name__ == "__main__":

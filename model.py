@@ -39,7 +39,6 @@ except ImportError:                    # pragma: no cover
 
 SSD_IMPLS = {"naive": ssd_naive, "chunked": ssd_chunked, "triton": ssd_triton}
 PLACEMENTS = ("head-interleaved", "tail-interleaved", "head-stacked", "tail-stacked")
-KINDS = ("attn", "mamba2")
 
 
 def require(ok: bool, message: str) -> None:
@@ -76,7 +75,7 @@ class ModelConfig:
                      "image_size", "patch_size", "conv_width", "ssd_chunk_size"):
             value = getattr(self, name)
             require(type(value) is int and value > 0, f"{name} must be a positive int, got {value!r}")
-        require(self.layers and set(self.layers) <= set(KINDS),
+        require(self.layers and set(self.layers) <= {"attn", "mamba2"},
                 f"layers must be a non-empty list of 'attn' / 'mamba2', got {self.layers}")
         require(self.hidden_size % self.n_heads == 0, "hidden_size must be divisible by n_heads")
         require(self.head_dim % 2 == 0, "the head dim hidden_size / n_heads must be even (RoPE: pairs)")
@@ -292,15 +291,13 @@ class Attention(nn.Module):
         if past == 0 or L == 1:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, enable_gqa=True)  # (b, H, L, P)
             return o.transpose(1, 2)
-        # a segment after earlier tokens: query i sees keys <= past + i; the (rows, T) boolean
-        # masks are built 16M entries at a time
+        # a segment after earlier tokens: query i sees keys <= past + i, `rows` queries at a time
+        # (each (rows, T) mask and score block under 16M entries)
         rows = max(1, 2 ** 24 // T)
         o = []
         for i in range(0, L, rows):
-            positions = torch.arange(past + i, past + min(i + rows, L), device=u.device)
-            mask = torch.arange(T, device=u.device) <= positions[:, None]
-            o.append(F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v, attn_mask=mask,
-                                                    enable_gqa=True))
+            mask = torch.ones(min(rows, L - i), T, dtype=torch.bool, device=u.device).tril(past + i)
+            o.append(F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v, attn_mask=mask, enable_gqa=True))
         return torch.cat(o, dim=2).transpose(1, 2)                     # (b, L, H, P)
 
     def forward(self, u, cache: LayerCache | None = None):

@@ -51,11 +51,9 @@ def check_inputs(x, dt, A, B, C, D=None, initial_state=None, check_values=True):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            got = getattr(t, "dtype", type(t))
-            raise ValueError(f"{name} must be a floating-point tensor, got {got}")
+            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', t)}")
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; "
-                             "all inputs must share one device")
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: one device for all")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (b, L, Hx, P), got {tuple(x.shape)}")
     b, L, _, P = x.shape
@@ -66,21 +64,18 @@ def check_inputs(x, dt, A, B, C, D=None, initial_state=None, check_values=True):
         raise ValueError(f"B must have shape (b, L, G, N) = ({b}, {L}, G, N), got {tuple(B.shape)}")
     N = B.shape[3]
     if C.dim() != 4 or C.shape[:2] != (b, L) or C.shape[3] != N:
-        raise ValueError(f"C must have shape (b, L, Gc, N) = ({b}, {L}, Gc, {N}), "
-                         f"got {tuple(C.shape)}")
+        raise ValueError(f"C must have shape (b, L, Gc, N) = ({b}, {L}, Gc, {N}), got {tuple(C.shape)}")
     for name, t, shape, letters in (("A", A, (H,), "(H,)"), ("D", D, (H,), "(H,)"),
                                     ("initial_state", initial_state, (b, H, P, N), "(b, H, P, N)")):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {letters} = {shape}, got {tuple(t.shape)}")
     for name, n in (("x", x.shape[2]), ("B", B.shape[2]), ("C", C.shape[2])):
         if n == 0 or H % n:
-            raise ValueError(f"{name} has {n} heads/groups, but the number of heads H = {H} "
-                             "must be a multiple of it")
+            raise ValueError(f"{name} has {n} heads/groups, but the number of heads H = {H} is no multiple")
     if check_values and A.numel() and bool((A > 0).any()):
         raise ValueError(f"A must be <= 0 (a decay), got max(A) = {A.max().item():.4g}")
     if check_values and dt.numel() and bool((dt < 0).any()):
-        raise ValueError(f"dt must be >= 0 (apply softplus first), "
-                         f"got min(dt) = {dt.min().item():.4g}")
+        raise ValueError(f"dt must be >= 0 (softplus first), got min(dt) = {dt.min().item():.4g}")
     return b, L, H, P, N
 
 
@@ -141,8 +136,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64, block
     ct = compute_dtype(x, dt, A, B, C, D, initial_state)
     Q = int(chunk_size)
     if Q < 1 or block_chunks < 1:
-        raise ValueError(f"chunk_size and block_chunks must be >= 1, "
-                         f"got {chunk_size}, {block_chunks}")
+        raise ValueError(f"chunk_size, block_chunks must be >= 1, got {chunk_size}, {block_chunks}")
     pad = (-L) % Q
     c = (L + pad) // Q
 

@@ -1,5 +1,6 @@
 """Plumbing shared by the entry points: atomic JSON and file writes, the command line derived from
-a config dataclass (one source for every default and its help), one-line errors at the boundary.
+a config dataclass (one source for every default and its help), data-parallel set-up, one-line
+errors at the boundary.
 
 Nothing here is about the paper; it is kept in one small file so that the other files are not.
 """
@@ -12,6 +13,9 @@ import os
 import subprocess
 import sys
 import tempfile
+
+import torch
+import torch.distributed as dist
 
 
 class InputError(ValueError):
@@ -92,6 +96,24 @@ def parse_config(cls, argv=None, description: str = ""):
         else:
             p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=default, **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+def dist_setup() -> tuple:
+    """(rank, world size); under torchrun, initialises torch.distributed (NCCL on a GPU, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes (t itself in one process)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def run_main(main, *extra_errors) -> None:

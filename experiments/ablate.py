@@ -6,7 +6,7 @@
     Table 5  how many attention layers a hybrid keeps: 0, 1, 2, 4 of 8 (head-interleaved), and the
              teacher (8 of 8)
     Table 6  where, for k = 1 and k = 2: the paper's four placements and a fifth, data-chosen one
-             ("auto": distill.choose_attention_layers keeps attention where swapping the stage-2
+             ("auto": choose_attention_layers below keeps attention where swapping the stage-2
              mixer into the teacher raises the output KL most)
 
 Every row uses distill.py's default recipe on the bundled teacher and is scored on the same test
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import distill  # noqa: E402
 import evaluate  # noqa: E402
 from convert import load_model  # noqa: E402
-from model import PLACEMENTS, make_layers  # noqa: E402
+from model import PLACEMENTS, Model, make_layers  # noqa: E402
 from seed import seed_student  # noqa: E402
 from utils import arg, git_commit, parse_config, read_json, run_main, write_json  # noqa: E402
 
@@ -104,6 +104,37 @@ def rows(tables: list, n_layers: int) -> list:
     return out
 
 
+@torch.no_grad()
+def choose_attention_layers(student: Model, teacher: Model, k: int, seed: int = 0, n_batches: int = 4) -> list:
+    """Table 6's fifth, data-chosen placement (not in the paper): the k layers whose linearisation
+    costs the most. For each layer i, swap the teacher's attention in layer i alone for the
+    student's (stage-2) mixer and measure the per-token KL from the intact teacher on training
+    batches; keep attention where that KL is largest. It asks what stage 3 is judged on (the output
+    distribution) in the context of every other layer, which a per-layer MSE cannot: layers differ
+    in scale and in how much of their error the rest of the network undoes."""
+    cfg = distill.TrainConfig(stage="3", seed=seed, data="")
+    batches = [distill.train_batch(s, cfg, 0, 1, None) for s in range(n_batches)]
+    logits = [teacher(b["input_ids"], b["pixel_values"]) for b in batches]
+    kl = []
+    for i in range(teacher.cfg.n_layers):
+        kept = teacher.layers[i]
+        teacher.layers[i] = student.layers[i]                                       # swap one layer in ...
+        try:
+            sums = []
+            counts = []
+            for t, b in zip(logits, batches):
+                s, n = distill.kl_per_token(t, teacher(b["input_ids"], b["pixel_values"]), b["attention_mask"])
+                sums.append(s)
+                counts.append(n)
+        finally:
+            teacher.layers[i] = kept                                                # ... and back
+        kl.append((sum(sums) / sum(counts)).item())
+    order = sorted(range(len(kl)), key=lambda i: -kl[i])
+    print("layer swap KL (student mixer in one teacher layer): "
+          + ", ".join(f"{i}: {v:.4f}" for i, v in enumerate(kl)))
+    return sorted(order[:k])
+
+
 class Suite:
     """Trains each student once (on disk under work/seed<s>/...) and scores each row."""
 
@@ -126,7 +157,7 @@ class Suite:
         path = os.path.join(self.cfg.work, f"seed{seed}", f"auto_k{row.n_attn}.json")
         if not os.path.exists(path):
             stage2, _ = self.student(row.init, (1, 2), [], seed)
-            write_json(path, {"keep": distill.choose_attention_layers(stage2, self.teacher, row.n_attn, seed)})
+            write_json(path, {"keep": choose_attention_layers(stage2, self.teacher, row.n_attn, seed)})
         return read_json(path)["keep"]
 
     def student(self, init: str, stages: tuple, keep: list, seed: int) -> tuple:

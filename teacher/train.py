@@ -36,7 +36,7 @@ from convert import load_model
 from evaluate import evaluate, test_samples
 from model import Model, ModelConfig
 from teacher import grounding
-from utils import arg, parse_config, run_main, write_json
+from utils import arg, dist_setup, parse_config, run_main, write_json
 
 
 @dataclass
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     losses = distill.train(cfg, TeacherLoss(cfg, model), distill.train_samples(cfg))
     summary = {"stage": 0, "steps": cfg.steps, "seconds": round(time.time() - t0, 1), "loss_first": losses[0]
                if losses else None, "loss_last": losses[-1] if losses else None, "config": asdict(cfg)}
-    if distill.dist_setup()[0] != 0:
+    if dist_setup()[0] != 0:
         dist.destroy_process_group()
         return summary
     line = f"stage 0 done in {summary['seconds'] / 60:.1f} min: {cfg.steps} steps"

@@ -1,6 +1,7 @@
 """Tests of experiments/ablate.py: the whole driver on a tiny teacher (two steps per stage): every row of every
 table is written, a stage-subset row trains exactly the stages it names, shared students are
-trained once, a second call trains nothing, and the report judges orderings as it says."""
+trained once, a second call trains nothing, and the report judges orderings as it says; the
+data-chosen placement against a hand-run swap."""
 import os
 
 import pytest
@@ -10,15 +11,19 @@ import data
 import distill
 from experiments import ablate
 from model import Model, ModelConfig
+from seed import seed_student
+
+
+def tiny_cfg():
+    return ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID, hidden_size=32,
+                       intermediate_size=64, n_heads=4, n_kv_heads=2, layers=["attn"] * 3, ssd_chunk_size=16)
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teacher")
-    Model(ModelConfig(vocab_size=data.VOCAB_SIZE, img_context_id=data.IMG_CONTEXT_ID, hidden_size=32,
-                      intermediate_size=64, n_heads=4, n_kv_heads=2, layers=["attn"] * 3,
-                      ssd_chunk_size=16)).save_pretrained(str(path))
+    Model(tiny_cfg()).save_pretrained(str(path))
     return str(path)
 
 
@@ -50,6 +55,27 @@ def test_every_row_once_then_nothing(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "train", lambda *a, **k: pytest.fail("trained again"))
     again = ablate.main(args)
     assert {t: list(by) for t, by in again.items()} == {t: list(by) for t, by in found.items()}
+
+
+def test_data_chosen_placement_is_the_largest_swap_kl():
+    """choose_attention_layers against the swap done by hand: a model built from the teacher's
+    layers with layer i's mixer replaced, its KL from the teacher on the same batches."""
+    torch.manual_seed(2)
+    teacher = Model(tiny_cfg()).eval()
+    student = seed_student(teacher, ["mamba2"] * 3, generator=torch.Generator().manual_seed(0))
+    chosen = ablate.choose_attention_layers(student, teacher, 2, seed=0, n_batches=2)
+    batches = [distill.train_batch(s, distill.TrainConfig(stage="3", seed=0), 0, 1, None) for s in range(2)]
+    kl = []
+    for i in range(3):
+        probe = seed_student(teacher, ["attn"] * 3)                   # a copy of the teacher
+        probe.layers[i] = student.layers[i]
+        with torch.no_grad():
+            sums = [distill.kl_per_token(teacher(b["input_ids"], b["pixel_values"]),
+                                         probe(b["input_ids"], b["pixel_values"]), b["attention_mask"]) for b in batches]
+        kl.append(sum(s for s, _ in sums) / sum(n for _, n in sums))
+    assert chosen == sorted(sorted(range(3), key=lambda i: -kl[i])[:2])
+    assert all(isinstance(b.mixer, torch.nn.Module) for b in teacher.layers) and teacher.cfg.layers == ["attn"] * 3
+    assert all(b.kind == "attn" for b in teacher.layers)              # the teacher got its layers back
 
 
 def test_verdicts():
