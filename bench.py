@@ -676,7 +676,7 @@ def compute_checks(points: list, metric: str, decode: dict | None = None) -> dic
     hi = max(linear, default=0)
     growth = value("linear", hi) / value("linear", lo) - 1 if hi > lo else math.nan
     goals = {   # name: (value, target, bound: |value| <= bound for *_flat, else value >= bound)
-        "linear_memory_flat": (growth, f"+-10% (L={lo}..{hi})", 0.1),
+        "linear_memory_flat": (growth, f"+-10% (L={lo or '4096'}..{hi or '-'})", 0.1),
         "linear_saving_32k": (1 - value("linear", 32768) / value("teacher", 32768), ">= 90%", 0.9),
         "linear_saving_seg_32k": (1 - value("linear", 32768) / value("teacher-seg", 32768), ">= 75%", 0.75),
         "hybrid_saving_32k": (1 - value("hybrid", 32768) / value("teacher", 32768), ">= 60%", 0.6),
