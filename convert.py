@@ -23,8 +23,8 @@ unused class token in slot 0; the class embedding and the LLM's tok_embeddings a
 forward (the LLM receives hidden states) and ignored. Any other unknown key is an error.
 
 mmMamba (the released students): HoVLE's layout plus per-half "layers_block_type" lists ("mamba2"
-or "mha"), as convert_weight.py writes them (config edits: CONVERT_WEIGHT#L76-L102). A "mamba2"
-layer's `attention.` holds what Mamba2_Attention.change_weight leaves (MAMBA2#L779-L806):
+or "mha"), as convert_weight.py writes them (config edits: REPO/convert_weight.py#L76-L102). A
+"mamba2" layer's `attention.` holds what Mamba2_Attention.change_weight leaves (MAMBA2#L779-L806):
     wvkqgdt.weight           ((2 H + 2 Hkv) P + H, D): rows [v | k | q | g | dt] -> wv wk wq wg wdt
     conv1d.weight, .bias     ((H + 2 Hkv) P, 1, 2), ((H + 2 Hkv) P,): channels [v, k, q], d_conv 2
     dt_bias, A_log_bias      (H,), (H,): dt = softplus(W_dt u + dt_bias), A = -exp(A_log_bias)
@@ -32,13 +32,13 @@ layer's `attention.` holds what Mamba2_Attention.change_weight leaves (MAMBA2#L7
     o_proj.weight            (D, H P): the attention's wo
 as its forward uses them (MAMBA2#L669-L748). Where the official code is silent or inconsistent:
   - an "mha" layer holds HoVLE's attention (wqkv, wo): the hybrid trains its kept layers as attention
-    (src/model/convert_model.py#L20-L55), while convert_weight.py as written converts every layer;
-  - "architectures" is the string "mmMambaChatModel", as convert_weight.py#L81 writes it (a list is
-    read too); transformers finds the remote classes through auto_map;
+    (REPO/src/model/convert_model.py#L20-L55); convert_weight.py as written converts every layer;
+  - "architectures" is the string "mmMambaChatModel", as REPO/convert_weight.py#L81 writes it (a
+    list is read too); transformers finds the remote classes through auto_map;
   - export writes HoVLE's unused tensors (class embedding, position slot 0: zeros; tok_embeddings: a
     copy of the text embeddings), so that the key list is the official one.
-CONVERT_WEIGHT = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/convert_weight.py
-MAMBA2 = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/src/model/linear_attention/mamba2.py
+REPO = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb
+MAMBA2 = REPO/src/model/linear_attention/mamba2.py
 
 Text-only decoders (InternLM2ForCausalLM; LlamaForCausalLM, tied LM head allowed) get a zero vision
 stem of the smallest shape: IMAGES ARE NOT SUPPORTED, and img_context_id (default: the last id) is
@@ -449,6 +449,7 @@ def load_model(directory: str, dtype: torch.dtype | None = None, device="cpu",
         raise CheckpointError(f"{t.listing}: tensors do not fit the model config: " + "; ".join(
             f"{name} ({len(ks)}): {', '.join(ks)}" for name, ks in problems.items() if ks))
     model.load_state_dict(state, strict=True, assign=True)
+    del state, t              # the model holds the tensors: a cast below frees each stored one in turn
     return model.to(device=device, dtype=dtype)
 
 

@@ -7,11 +7,10 @@ mmMamba-hybrid) take their input this way, and ask.py needs it to ask them anyth
     tiles(image, S, n)      InternVL's dynamic preprocessing: S-pixel tiles on the grid whose aspect
                             ratio is nearest the image's, then a thumbnail; ImageNet normalisation
     chat_prompt(q, n)       HoVLE's "internlm2-chat" template, the image as <img>, n <IMG_CONTEXT>, </img>
-Official code (pinned): the tokenizer TOKENIZER, the tiles EVAL#L26-L104 (as docs/usage.md), the
-template and its expansion CHAT#L349-L406 and CONV#L239-L248, CONV#L741-L756, where
-TOKENIZER = .../internvl/model/internlm2/tokenization_internlm2.py, EVAL = .../eval/mmMamba.py,
-CHAT = .../hovle/modeling_internvl_chat.py, CONV = .../hovle/conversation.py, and ... =
-https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb
+Official code, REPO = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb:
+the tokenizer REPO/internvl/model/internlm2/tokenization_internlm2.py#L34-L186, the tiles
+REPO/eval/mmMamba.py#L26-L104 (as docs/usage.md), the prompt REPO/hovle/modeling_internvl_chat.py#L349-L406
+with the template REPO/hovle/conversation.py#L239-L248 and #L741-L756.
 
 Run:   python ask.py HOVLE_OR_MMMAMBA_DIR picture.jpg "Describe the image."
 Tests: python -m pytest -q tests/test_released.py
@@ -23,6 +22,7 @@ import os
 import re
 
 import numpy as np
+import sentencepiece
 import torch
 from PIL import Image
 
@@ -30,7 +30,7 @@ from utils import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"           # (CONV#L745)
+SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"   # conversation.py#L745
           "英文名叫InternVL, 是一个有用无害的人工智能助手。")
 TEMPLATE = "internlm2-chat"                                  # config.json "template" of HoVLE
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
@@ -41,11 +41,9 @@ class Tokenizer:
     the folder's special tokens (added_tokens.json, tokenizer_config.json's added_tokens_decoder and
     special_tokens_map.json: <s>, <|im_start|>, <|im_end|>, <img>, <IMG_CONTEXT>, ...), which become
     their ids; SentencePiece encodes each piece between them; encode() prepends <s> (add_bos_token).
-    decode() drops the special ids and lets SentencePiece join the rest."""
+    decode() drops the special ids (and any without a piece) and lets SentencePiece join the rest."""
 
     def __init__(self, directory: str):
-        import sentencepiece
-
         path = os.path.join(directory, "tokenizer.model")
         if not os.path.isfile(path):
             raise InputError(f"{path}: no such file (a HoVLE / mmMamba folder has one)")
@@ -84,7 +82,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids if int(i) not in self.special_ids])
+        """The text of `ids`, special ids left out."""
+        pieces = range(self.sp.get_piece_size())
+        return self.sp.decode([i for i in map(int, ids) if i in pieces and i not in self.special_ids])
 
 
 def _special_tokens(directory: str) -> list:
@@ -117,8 +117,8 @@ def _read(path: str) -> dict:
 
 def grid(width: int, height: int, size: int, max_tiles: int) -> tuple:
     """(columns, rows) of the tiles: among the grids of <= max_tiles tiles, the one whose aspect
-    ratio is nearest width / height; a tie goes to the later grid in the official candidate order (a set
-    sorted by tile count) if the image has over half the pixels of the larger grid."""
+    ratio is nearest width / height; a tie goes to the later grid in the official candidate order
+    (a set sorted by tile count) if the image has over half the pixels of that grid."""
     candidates = {(i, j) for n in range(1, max_tiles + 1) for i in range(1, n + 1)
                   for j in range(1, n + 1) if i * j <= max_tiles}
     best = (1, 1)
