@@ -21,7 +21,8 @@ Run:  python bench.py                 # tiny model, CPU, L 1K..128K: under 10 mi
       python bench.py --long          # every layout once at 103,000 tokens (~35 min)
       python bench.py --model FOLDER --parts model --lengths 1024 4096
       python bench.py --preset hovle --parts model --lengths 32768 103000   # GPU, bf16
-Writes bench.json and table.txt to --out. Tests: python -m pytest -q tests/test_bench.py
+Writes bench.json, table.txt, model_time.png, model_memory.png to --out.
+Tests: python -m pytest -q tests/test_bench.py
 """
 from __future__ import annotations
 
@@ -777,6 +778,43 @@ def table_lines(res: dict) -> list:
     return lines
 
 
+def make_plots(res: dict, out: str) -> list:
+    """model_time.png and model_memory.png (Fig. 1 c-d): every layout's time (prefill + generated
+    tokens) and memory against L, log-log; returns the names written."""
+    model = res.get("model") or {}
+    points = [p for p in model.get("points", []) if p["kind"] == "length" and p["status"] == "ok"]
+    if not points:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, StrMethodFormatter
+    c = res["config"]
+    metric = model["memory_metric"]
+    xs = sorted({p["L"] for p in points})
+    figures = {"model_time.png": ("total_s", f"s, prefill + {c['new_tokens']} generated tokens"),
+               "model_memory.png": (metric, f"MiB, {MEMORY[metric]}")}
+    for name, (key, ylabel) in figures.items():
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for layout in LAYOUTS:
+            xy = [(p["L"], p[key]) for p in points if p["layout"] == layout and p[key] > 0]
+            if xy:
+                ax.plot(*zip(*xy), "o-", label=layout)
+        ax.set(xscale="log", yscale="log", xlabel="prompt length L (tokens)", ylabel=ylabel,
+               title=f"{c['preset']}, {c['dtype']}, {res['machine']['where']}, {res['commit']}")
+        ax.set_xticks(xs, [f"{x / 1024:g}K" if x >= 1024 else str(x) for x in xs])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=110)
+        plt.close(fig)
+    return list(figures)
+
+
 # ---- The run -------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
@@ -833,11 +871,13 @@ def main(argv=None) -> dict:
         summary.append(f"{kernels.count('ok')}/{len(kernels)} kernel timings ok")
     res["summary"] = "; ".join(s for s in summary if s) or "nothing measured"
     res["elapsed_s"] = time.time() - started
+    res["plots"] = make_plots(res, c.out)
     write_json(partial, res)
     os.replace(partial, os.path.join(c.out, "bench.json"))         # no partial file is left
     lines = table_lines(res)
     lines += ["", f"{machine['where']}, torch {torch.__version__}, {machine['threads']} threads, "
-              f"{res['elapsed_s']:.0f} s; wrote {c.out}: bench.json, table.txt", res["summary"]]
+              f"{res['elapsed_s']:.0f} s; wrote {c.out}: " + ", ".join(["bench.json", "table.txt", *res["plots"]]),
+              res["summary"]]
     with open(os.path.join(c.out, "table.txt"), "w") as f:
         f.write("\n".join(lines).lstrip("\n") + "\n")
     print("\n".join(lines), flush=True)

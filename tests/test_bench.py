@@ -177,6 +177,9 @@ def test_smoke_run_writes_schema_points_goals_and_report(tmp_path, capsys):
     assert rows[("ssd_chunked", "fwd+bwd", 64)]["bytes"] == 3 * inputs + 2 * 4 * 64 * 6 * 32 + 9 * states
     assert rows[("sdpa_causal", "fwd", 64)]["bytes"] == 4 * 64 * 32 * (6 + 2 + 2 + 6)
     assert "Only the no-cache teacher reproduces" in table and "goal" in table and "floor" in table
+    assert data["plots"] == ["model_time.png", "model_memory.png"]
+    for name in data["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_saved_model_folder_is_benchmarked(tmp_path):
