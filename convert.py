@@ -496,11 +496,16 @@ def _write_shards(directory: str, tensors: dict, shard_bytes: int) -> None:
     for name, group in zip(names, groups):
         write = functools.partial(save_file, group, metadata={"format": "pt"})
         atomic_write(os.path.join(directory, name), write)
+    written = {os.path.join(directory, name) for name in names}
     if len(groups) > 1:
         weight_map = {key: name for name, group in zip(names, groups) for key in group}
         write_json(os.path.join(directory, INDEX_NAME), {
             "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
             "weight_map": dict(sorted(weight_map.items()))})
+        written.add(os.path.join(directory, INDEX_NAME))
+    for path in glob.glob(os.path.join(directory, "model*.safetensors*")):
+        if path not in written:                  # a former save's, as transformers cleans up too
+            os.remove(path)
 
 
 def save_mmmamba(model: Model, directory: str, like: str, dtype: torch.dtype = torch.bfloat16,

@@ -248,8 +248,9 @@ def test_export_writes_the_official_layout(folders, tmp_path, kinds):
     labels = {"wv": 1.0, "wk": 2.0, "wq": 3.0, "wg": 4.0, "wdt": 5.0}
     for w, value in labels.items():
         getattr(layer, w).weight.data.fill_(value)
-    convert.save_mmmamba(model, str(tmp_path / "labelled"), like=teacher)
-    fused = load_file(str(tmp_path / "labelled" / "model.safetensors"))[E + "encoder.1.attention.wvkqgdt.weight"]
+    convert.save_mmmamba(model, out, like=teacher)              # one file now: the former shards go
+    assert sorted(f for f in os.listdir(out) if f.startswith("model")) == ["model.safetensors"]
+    fused = load_file(os.path.join(out, "model.safetensors"))[E + "encoder.1.attention.wvkqgdt.weight"]
     rows = [16, 16, 32, 32, 4]                                       # Hkv P, Hkv P, H P, H P, H
     assert torch.equal(fused[:, 0], torch.cat([torch.full((n,), v) for n, v in zip(rows, labels.values())]).bfloat16())
 
