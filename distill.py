@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
@@ -80,7 +81,11 @@ def layer_loss(student: Model, teacher: Model, batch: dict, cfg: TrainConfig):
         targets = [teacher.layers[i].mixer.heads(us[i]) for i in layers]         # (b, L, H, P)
     total = 0.0
     for i, target in zip(layers, targets):
-        out = student.layers[i].mixer.heads(us[i])                               # (b, L, H, P)
+        heads = student.layers[i].mixer.heads
+        if student.recompute and torch.is_grad_enabled():
+            out = checkpoint(heads, us[i], use_reentrant=False)                   # run again in backward
+        else:
+            out = heads(us[i])                                                   # (b, L, H, P)
         se = (out.float() - target.float()).pow(2).mean(dim=(2, 3))              # (b, L)
         total = total + (se * mask).sum()
     return cfg.mse_scale * total, mask.sum().float() * len(layers)
@@ -204,6 +209,9 @@ class LoopConfig:
     save_every: int = arg(50, "checkpoint every N steps")
     seed: int = arg(0, "seed of the new parameters and of the data order")
     resume: bool = arg(False, "continue interrupted stages from their checkpoints")
+    bf16: bool = arg(False, "bfloat16 autocast of the forward passes (weights, gradients, AdamW stay float32)")
+    recompute: bool = arg(False, "activation checkpointing: keep each block's (stages 1-2: each mixer's) "
+                                 "input only and run it again in the backward pass")
 
     def __post_init__(self):
         for name in ("steps", "lr", "batch_size", "save_every"):
@@ -279,6 +287,8 @@ def train(cfg: LoopConfig, objective: nn.Module, samples: list | None = None) ->
     log_path = os.path.join(cfg.stage_dir, "log.jsonl")
     os.makedirs(cfg.stage_dir, exist_ok=True)
     student = objective.student
+    student.recompute = cfg.recompute
+    device = student.lm_head.weight.device.type                     # autocast's device type
     params = [p for p in objective.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() >= 2]
     vectors = [p for p in params if p.dim() < 2]
@@ -311,7 +321,8 @@ def train(cfg: LoopConfig, objective: nn.Module, samples: list | None = None) ->
         lr = wsd_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, count = model(train_batch(step, cfg, rank, world, samples))
+        with torch.autocast(device, torch.bfloat16, enabled=cfg.bf16):
+            loss_sum, count = model(train_batch(step, cfg, rank, world, samples))
         total = all_sum(count.detach()).clamp_min(1)
         loss = (all_sum(loss_sum.detach()) / total).item()
         if not math.isfinite(loss):

