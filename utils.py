@@ -58,16 +58,21 @@ def read_json(path: str) -> dict:
     return d
 
 
+def git(*args: str) -> str:
+    """The output of `git args` in this repository."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
 def git_commit() -> str:
     """The repository's short commit, with "+dirty" for uncommitted changes to tracked files."""
-    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,
-                                        timeout=10).stdout.strip()
-        sha = run("rev-parse", "--short", "HEAD")
-        return (sha + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+        sha = git("rev-parse", "--short", "HEAD")
+        if sha and git("status", "--porcelain", "--untracked-files=no"):
+            sha += "+dirty"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return sha or "unknown"
 
 
 def arg(default, help: str, **argparse_kw):
