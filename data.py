@@ -13,11 +13,11 @@ Those and HoVLE cannot be downloaded here, so this file draws a benchmark with t
     text      TextVQA, MME OCR     What does the text say?                      2-4 glyphs
     reason    ScienceQA / MMBench  Are there more circles than squares?         yes / no
 
-and, with K images in one prompt (not in the paper: it stresses a fixed-size state; the prompt
-names them "Image 1: <image>", ..., "Image K: <image>", ~70 tokens per image):
+and, with K images in one prompt (not in the paper: a needle among K images, ~66 tokens each,
+that stresses a fixed-size state):
 
-    recall    In image 5, what color is the square? / ..., what shape is the red object?
-    find      In what image is there a red triangle?                        1 .. K
+    recall    What color is the square? / What shape is the red object?     the only square (red
+              object) of all K images is in one of them; the others are ordinary scenes
 
 A scene is a 128 px image cut into an 8 x 8 grid of 16 px cells, each empty, one object (a shape in
 a colour) or one glyph (the glyphs of a scene form one word, left to right in one row; row 0 is
@@ -32,7 +32,7 @@ On disk, LLaVA-style JSONL with images beside it (paths relative to the JSONL's 
                        {"from": "gpt", "value": "3"}]}
 A multi-image record has a list of paths and one "<image>" tag per image in its first question
 (as multi-image LLaVA data): {"image": ["images/a.png", "images/b.png"], "conversations":
-[{"from": "human", "value": "Image 1: <image>\\nImage 2: <image>\\nIn image 2, ..."}, ...]}.
+[{"from": "human", "value": "<image>\\n<image>\\nWhat color is the square?"}, ...]}.
 `load_jsonl` reads these and a user's own file (`cells`, `category` optional; several human / gpt
 pairs make a multi-turn sample: every answer is trained on, the last one is scored).
 
@@ -77,7 +77,7 @@ COLOR_NAMES = tuple(COLORS)
 GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"  # no I/1, O/0, Q: they look alike in a 5 x 7 font
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 CATEGORIES = ("exist", "count", "color", "shape", "position", "text", "reason")
-MULTI_CATEGORIES = ("recall", "find")                   # questions about one of K images
+MULTI_CATEGORIES = ("recall",)                          # questions about one of K images
 
 BACKGROUND = (0, 0, 0)                                  # the image
 TILE = (190, 190, 190)                                  # the tile behind a glyph
@@ -152,7 +152,7 @@ class DataConfig:
         return self.grid * self.grid
 
 
-# A uniform guess, DataConfig(). "find" is left out: its chance is 1 / K.
+# A uniform guess, DataConfig().
 CHANCE = {"exist": 0.5, "count": 1 / 5, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES),
           "position": 0.5, "text": 1 / sum(len(GLYPHS) ** n for n in (2, 3, 4)), "reason": 0.5,
           "recall": (1 / len(COLORS) + 1 / len(SHAPES)) / 2}
@@ -241,10 +241,10 @@ class Sample:
 
 
 def _scene(rng: random.Random, cfg: DataConfig, required: list, no_shapes=(), no_colors=(),
-           no_pairs=(), text: str | None = None) -> list[int]:
+           text: str | None = None) -> list[int]:
     """Cells holding the (shape, colour) objects `required`, random other objects of none of the
-    shapes `no_shapes`, colours `no_colors` or pairs `no_pairs`, and optionally the word `text`;
-    every object is a distinct (shape, colour) pair."""
+    shapes `no_shapes` and colours `no_colors`, and optionally the word `text`; every object is a
+    distinct (shape, colour) pair."""
     cells = [0] * cfg.n_cells
     if text is None and rng.random() < cfg.text_prob:
         text = _random_word(rng, cfg)
@@ -254,8 +254,7 @@ def _scene(rng: random.Random, cfg: DataConfig, required: list, no_shapes=(), no
         for k, ch in enumerate(text):
             cells[row * cfg.grid + start + k] = glyph_class(ch)
     pool = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLORS))
-            if (s, c) not in required and (s, c) not in no_pairs
-            and s not in no_shapes and c not in no_colors]
+            if (s, c) not in required and s not in no_shapes and c not in no_colors]
     total = max(len(required), rng.randint(cfg.min_objects, cfg.max_objects))
     objects = list(required) + rng.sample(pool, min(len(pool), total - len(required)))
     free = [i for i in range(cfg.n_cells) if cells[i] == 0]
@@ -391,25 +390,26 @@ GENERATORS = {"exist": _gen_exist, "count": _gen_count, "color": _gen_color, "sh
 
 
 # ----------------------------------------------------------------------------------------------
-# The multi-image generators: K scenes, a question about the one at index `target` (0-based)
+# The multi-image generator: K scenes, a question about the one at index `target` (0-based)
 
 def _gen_recall(rng, cfg, n_images: int, target: int):
-    # a colour or shape question about image target + 1; the other images are random scenes
-    scenes = [_scene(rng, cfg, []) for _ in range(n_images)]
-    ask = GENERATORS[rng.choice(("color", "shape"))]
-    scenes[target], question, answer = ask(rng, cfg)
-    return scenes, f"In image {target + 1}, {question[0].lower()}{question[1:]}", answer
+    # the needle, a (shape, colour) object, is the only one of its shape (or of its colour) in
+    # all K images: the question names that attribute and asks for the other
+    s = rng.randrange(len(SHAPES))
+    c = rng.randrange(len(COLORS))
+    if rng.random() < 0.5:
+        others = {"no_shapes": (s,)}
+        question = f"What color is the {SHAPES[s]}?"
+        answer = COLOR_NAMES[c]
+    else:
+        others = {"no_colors": (c,)}
+        question = f"What shape is the {COLOR_NAMES[c]} object?"
+        answer = SHAPES[s]
+    scenes = [_scene(rng, cfg, [(s, c)] * (k == target), **others) for k in range(n_images)]
+    return scenes, question, answer
 
 
-def _gen_find(rng, cfg, n_images: int, target: int):
-    # exactly one image (target + 1) holds the named (shape, colour) pair
-    pair = (rng.randrange(len(SHAPES)), rng.randrange(len(COLORS)))
-    scenes = [_scene(rng, cfg, [pair] * (k == target), no_pairs=(pair,)) for k in range(n_images)]
-    name = f"{COLOR_NAMES[pair[1]]} {SHAPES[pair[0]]}"
-    return scenes, f"In what image is there a {name}?", str(target + 1)
-
-
-MULTI_GENERATORS = {"recall": _gen_recall, "find": _gen_find}
+MULTI_GENERATORS = {"recall": _gen_recall}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,11 +438,11 @@ def multi_sample_at(cfg: DataConfig, split: str, seed: int, index: int, n_images
     if target is None:
         target = rng.randrange(n_images)
     scenes, question, answer = MULTI_GENERATORS[category](rng, cfg, n_images, target)
-    labels = "".join(f"Image {k + 1}: <image>\n" for k in range(n_images))
+    tags = "<image>\n" * n_images                       # one per image, as multi-image LLaVA data
     images = torch.stack([image_to_tensor(draw_scene(cells, cfg)) for cells in scenes])
     cells = [c for scene in scenes for c in scene]
     source = f"{split}-multi-{n_images}/{seed}/{index}"
-    return Sample(images, [(labels + question, answer)], category, cells, source)
+    return Sample(images, [(tags + question, answer)], category, cells, source)
 
 
 MIX_GROUP = 16   # consecutive samples of the mix share their kind and K: a batch of 16 is one

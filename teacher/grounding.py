@@ -16,11 +16,6 @@ target distribution over keys (token positions of data.collate):
     gather_last   layer 4, head 3     / the last object word (what look found is one hop away)
     read          layer 5, head 0     text questions: from the position that predicts the k-th glyph
                                       of the answer to the k-th glyph cell (row-major order)
-    index         layer 1, head 0     prompts with labelled images ("Image 5: <image>"): from each
-                                      image token to its label's number, and from each object word
-                                      to the number the question names ("In image 5, ..."); look
-                                      then goes to the cells every object word names in that image
-                                      (or in any image: "In what image is there a red triangle?")
 
 Attention in the right place was not enough (600 CPU steps with all four heads on target: answers
 at chance), so three linear `Probes`, trained with the model and dropped after stage 0, read the
@@ -78,7 +73,7 @@ def attributes(named: list, cells: list, grid: int) -> list:
     out = [min(len(named), 5)] + [data.IGNORE_INDEX] * 4
     if len(named) == 1 and data.describe_cell(cells[named[0]])[0] == "object":
         _, shape, color = data.describe_cell(cells[named[0]])
-        row, col = divmod(named[0], grid)
+        row, col = divmod(named[0] % (grid * grid), grid)          # within its image
         out[1:] = [data.COLOR_NAMES.index(color), data.SHAPES.index(shape), min(row, 15), min(col, 15)]
     return out
 
@@ -90,7 +85,6 @@ class GroundingConfig:
     gather_first: tuple[int, int] = (4, 0)
     gather_last: tuple[int, int] = (4, 3)
     read: tuple[int, int] = (5, 0)
-    index: tuple[int, int] = (1, 0)
 
     def __post_init__(self):
         for name, lh in self.roles().items():
@@ -139,12 +133,6 @@ def targets(batch: dict) -> tuple[dict, dict]:
         answer = (labels[k] != data.IGNORE_INDEX).nonzero().flatten().tolist()  # answer tokens + <|im_end|>
         image = [t for t, i in enumerate(row) if i == tok.img_context_id]       # row-major cells
         known = data.IGNORE_INDEX not in row_cells and len(image) == len(row_cells)
-        if known and _numbers(row, 0, row.index(tok.img_start_id)):     # "Image 1: <image>...": labelled
-            _multi_image_hints(k, row, row_cells, words, q0, put)
-            for t in answer if words else ():
-                put("gather_first", k, t - 1, [words[0][0]])
-                put("gather_last", k, t - 1, [words[-1][0]])
-            continue
         named = [word_cells(w, row_cells) for _, w in words] if known else []
         for (t, _), cs in zip(words, named):
             put("look", k, t, [0] + [image[c] for c in cs])
@@ -162,43 +150,6 @@ def targets(batch: dict) -> tuple[dict, dict]:
                     put("read", k, t - 1, [image[c]])
                     label("read", k, t - 1, [data.GLYPHS.index(ch)])
     return roles, probes
-
-
-DIGIT_IDS = {data.TOKENIZER.encode(p)[0] for d in "0123456789" for p in (d, " " + d)}
-
-
-def _numbers(row: list, lo: int, hi: int) -> list:
-    """Positions of the digit tokens in row[lo:hi]."""
-    return [t for t in range(lo, hi) if row[t] in DIGIT_IDS]
-
-
-def _multi_image_hints(k: int, row: list, cells: list, words: list, q0: int, put) -> None:
-    """The hints of a prompt with labelled images ("Image 1: <image> ... In image 5, what color is
-    the square?"). index: from each image token to the number of its label, and from each object
-    word to the number the question names; look: from each object word to the cells that every
-    object word names, in the image the question names (or in any image), and <s>."""
-    tok = data.TOKENIZER
-    starts = [t for t, i in enumerate(row) if i == tok.img_start_id]
-    ends = [t for t, i in enumerate(row) if i == tok.img_end_id]
-    for j, start in enumerate(starts):
-        label = _numbers(row, 0 if j == 0 else ends[j - 1], start)
-        for t in range(start + 1, ends[j]):
-            if label:
-                put("index", k, t, label)
-    asked = _numbers(row, q0, row.index(tok.im_end_id, q0))
-    scope = range(len(cells))
-    if asked:
-        n = int(tok.decode([row[t] for t in asked]))
-        scope = range((n - 1) * data.IMAGE_TOKENS, n * data.IMAGE_TOKENS)
-    named = set(scope)
-    for _, w in words:
-        named &= set(word_cells(w, cells))
-    image = [t for t, i in enumerate(row) if i == tok.img_context_id]
-    for t, _ in words:
-        if asked:
-            put("index", k, t, asked)
-        if named:
-            put("look", k, t, [0] + [image[c] for c in sorted(named)])
 
 
 def role_probs(model: Model, hidden: list, layer: int, head: int) -> torch.Tensor:

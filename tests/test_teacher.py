@@ -153,14 +153,13 @@ def test_attention_on_target_reports_every_role_per_category(tmp_path, capsys):
     model = tiny().eval()
     batch = data.collate([data.sample_at(data.DataConfig(), "test", 0, i) for i in range(7)])
     fresh = probe.attention_on_target(model, batch, ROLES)
-    assert set(fresh) == {"look", "gather_first", "gather_last", "read", "index"} and set(fresh["read"]) == {"text"}
-    assert fresh["index"] == {}                                        # single images: no labels
+    assert set(fresh) == {"look", "gather_first", "gather_last", "read"} and set(fresh["read"]) == {"text"}
     assert all(v < 0.5 for per in fresh.values() for v in per.values())
     tiny(("attn",) * 6).save_pretrained(str(tmp_path / "m"))           # default heads: layers 2, 4, 5
     probe.main([str(tmp_path / "m"), "--n", "7"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["role", *data.CATEGORIES]
-    assert [line.split()[0] for line in lines[1:]] == ["look", "gather_first", "gather_last", "read", "index"]
+    assert [line.split()[0] for line in lines[1:]] == ["look", "gather_first", "gather_last", "read"]
 
 
 def test_roles_must_name_attention_heads():
@@ -198,33 +197,25 @@ def test_stage0_loss_falls(tmp_path, capsys):
     assert "stage 0 done" in capsys.readouterr().out
 
 
-def test_multi_image_hints_point_at_labels_and_the_asked_cell():
-    """index: image tokens -> their label's number, object words -> the question's number; look:
-    object words -> the one cell the question is about (found here from the sample's own cells)."""
+def test_multi_image_hints_point_at_the_needle():
+    """Several images in a row: look goes from the question's object word to the one cell, among
+    all the images' cells, that it names (found here from the sample's own cells), and <s>; the
+    answer probe labels its row and column within its image."""
     cfg = data.DataConfig()
     samples = [data.multi_sample_at(cfg, "train", 0, i, 3, target=i % 3) for i in range(6)]
     batch = data.collate(samples)
-    roles, _ = grounding.targets(batch)
+    roles, probes = grounding.targets(batch)
     for k, s in enumerate(samples):
         row = batch["input_ids"][k].tolist()
-        starts = [t for t, i in enumerate(row) if i == TOK.img_start_id]
-        for j, start in enumerate(starts):                    # "Image j+1: <img>": the number is 3 back
-            assert TOK.decode([row[start - 3]]) == f" {j + 1}"
-            target, queries = roles["index"]
-            assert queries[k, start + 1:start + 65].all()
-            assert (target[k, start + 1:start + 65, start - 3] == 1).all()
         image = [t for t, i in enumerate(row) if i == TOK.img_context_id]
-        asked = k % 3                                        # the image the question is about
-        objects = [c for c in range(asked * 64, asked * 64 + 64) if data.describe_cell(s.cells[c])[0] == "object"]
-        words = [t for t, i in enumerate(row) if i in grounding.WORD_OF_ID and t > starts[-1]]
-        q = s.question.rsplit("\n", 1)[1]
-        wanted = [c for c in objects if all(w in data.describe_cell(s.cells[c])[1:] for w in q[:-1].split()
-                                            if w in data.SHAPES + data.COLOR_NAMES)]
-        assert len(wanted) == 1 and words
+        word = [t for t, i in enumerate(row) if i in grounding.WORD_OF_ID][-1]
+        name = grounding.WORD_OF_ID[row[word]]
+        needle = [c for c in range(3 * 64) if data.describe_cell(s.cells[c])[0] == "object"
+                  and name in data.describe_cell(s.cells[c])[1:]]
+        assert len(needle) == 1 and needle[0] // 64 == k % 3
         look, queries = roles["look"]
-        for t in words:
-            assert queries[k, t] and look[k, t, image[wanted[0]]] == pytest.approx(0.5)
-            assert look[k, t, 0] == pytest.approx(0.5)
-        if s.category == "recall":
-            assert roles["index"][0][k, words[0], [t for t in range(starts[-1], len(row))
-                                                   if TOK.decode([row[t]]) == f" {asked + 1}"][0]] == 1
+        assert queries[k].nonzero().flatten().tolist() == [word]
+        assert look[k, word, image[needle[0]]] == pytest.approx(0.5) and look[k, word, 0] == pytest.approx(0.5)
+        labels, _ = probes["answer"]
+        answer = batch["answer_mask"][k].nonzero()[0].item()
+        assert labels[k, answer - 1, 3:5].tolist() == list(divmod(needle[0] % 64, 8))
