@@ -36,14 +36,14 @@ def test_samples(n_per_category: int) -> list:
 
 
 @torch.no_grad()
-def evaluate(model: Model, samples: list, progress: bool = False) -> dict:
+def evaluate(model: Model, samples: list, progress: bool = False, batch_size: int = 64) -> dict:
     """Greedy generation, exact match, accuracy per category: data.score's dict, with the
-    predictions."""
+    predictions. Prompts of equal length go batch_size at a time."""
     model.eval()
 
     def generate(input_ids, pixel_values, max_new_tokens, eos_id):
         return model.generate(input_ids, pixel_values, max_new_tokens, eos_id)
-    return data.score(generate, samples, batch_size=64, progress=progress)
+    return data.score(generate, samples, batch_size=batch_size, progress=progress)
 
 
 def accuracy(model: Model, samples: list) -> dict:
