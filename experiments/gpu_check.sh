@@ -1,6 +1,6 @@
 #!/bin/bash
 # The one prepared script for a first GPU session (issue 30): at most 6 minutes on one H100, run
-# unchanged; it installs nothing (flash-linear-attention is timed only if the machine has it).
+# unchanged; it installs nothing.
 # Parts in order, each under a hard time limit in seconds (bench.py's own --budget-s inside it):
 #   env              [10]  torch, triton, CUDA, the GPU, the commit
 #   tests_16bit      [80]  tests/test_ssd_gpu.py, float16 and bfloat16: ssd_triton against float64
@@ -8,13 +8,14 @@
 #   kernel_bfloat16  [60]  bench.py --parts kernel at HoVLE's heads, L 1K..128K, batch 1 and 8
 #   model            [135] bench.py --parts table2 model: HoVLE-2.6B shapes (random weights), bf16,
 #                          teacher / linear / hybrid at 32K and 103K, Table 2
-#   tests_float32    [40]  the float32 tests (3xTF32 dots) and the model's logits    (--no-float32
-#   kernel_float32   [30]  bench.py --parts kernel, float32                          skips these two)
+#   tests_float32    [40]  the float32 tests (3xTF32 dots) and the model's logits   (--no-float32
+#   kernel_float32   [30]  bench.py --parts kernel, float32                         skips these two)
 # 355 s of limits in all. A part that fails or runs out of time is recorded and the next one runs.
 # Results in bench_results/<gpu>/ (or --out DIR), ready to commit: summary.json and summary.md (each
 # part: limit, seconds, exit status; 124 = stopped at its limit), <part>.log (the printed
 # output; pytest -s -rA prints every measured error), ssd_errors.jsonl (the tests' errors, one JSON
-# line each), and per bench part <part>/bench.json (bench.partial.json if stopped), table.txt, plots.
+# line each), and per bench part <part>/bench.json (bench.partial.json if stopped), table.txt and
+# plots (model).
 #   bash experiments/gpu_check.sh [--out DIR] [--no-float32]
 #   bash experiments/gpu_check.sh --dry-run [--out DIR]   # the same parts on the CPU: Triton's
 #       interpreter, tiny shapes (tests: H=4, P=N=32; kernel: L 64, 128; model: bench's tiny --smoke

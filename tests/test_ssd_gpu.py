@@ -1,7 +1,7 @@
 """GPU tests of ssd_triton.py at mmMamba's shape (H = 16 heads, P = N = 128) against ssd_chunked in
 float64 on the same (upcast) inputs: the forward to L = 131,072 and batch 8, forward + backward at
 moderate L, L not a multiple of the chunk size, GQA as the mixer uses it (x and B with Hx = G = 8 KV
-heads, C with Gc = H = 16); the model's logits with ssd_impl="triton". Q = 64, the model's chunk size.
+heads, C with Gc = H = 16); the model's logits with ssd_impl="triton". Q = 64 (the model's).
 
 Tolerances (relative error ||out - ref|| / ||ref||), TOL: float32 (3xTF32 dots; tf32 off in
 PyTorch) 1e-4, float16 5e-3, bfloat16 2e-2 (16-bit dot operands, float32 accumulation and states).
@@ -142,8 +142,8 @@ def test_gpu_check_dry_run(tmp_path):
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [p["part"] for p in summary["parts"]] == ["env", "tests_16bit", "kernel_bfloat16", "model",
-                                                     "tests_float32", "kernel_float32"]
+    parts = ["env", "tests_16bit", "kernel_bfloat16", "model", "tests_float32", "kernel_float32"]
+    assert [p["part"] for p in summary["parts"]] == parts
     assert all(p["status"] == 0 for p in summary["parts"]), summary
     assert summary["dry_run"] and summary["limit_s"] <= 360
     for name in ("env.log", "summary.md", "tests_16bit.log", "tests_float32.log"):
