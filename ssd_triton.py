@@ -55,8 +55,8 @@ _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}     # else float
 
 # (BLOCK_P, BLOCK_N, num_warps, num_stages) of the per-chunk kernels by dot operand bits and GPU
 # generation (8: A100, 9: H100 and later); None: the whole (padded) dimension. Chosen by compiling
-# for sm_80 and sm_90 at HoVLE's shape (Q = 64, P = N = 128): no spills, shared memory within the
-# GPU's limit (tests/test_triton_compile.py prints the table).
+# for sm_80 and sm_90 at HoVLE's shape (Q = 64, P = N = 128): shared memory within the GPU's limit,
+# no spills for 16-bit inputs (float32: 16 bytes in one kernel); tests/test_triton_compile.py.
 TILES = {
     ("states", 16, 8): (64, None, 4, 1), ("states", 16, 9): (64, None, 4, 1),
     ("states", 32, 8): (32, None, 8, 1), ("states", 32, 9): (64, None, 4, 1),
@@ -309,7 +309,8 @@ def _chunk_bwd_dBdC_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Hin_ptr, G_ptr, d
         dcs = tl.load(dcs_ptr + row, mask=mask_t, other=0.0)                      # (Q,)
         dcs += tl.where(offs_q == Q - 1, tl.load(dcs_last_ptr + part), 0.0)
         da = tl.cumsum(dcs, axis=0, reverse=True)      # d(a_t) = sum_{i >= t} d(cs_i)
-        ddt = tl.load(ddt_ptr + row, mask=mask_t, other=0.0) + da * tl.load(A_ptr + hi)
+        A = tl.load(A_ptr + hi).to(tl.float32)
+        ddt = tl.load(ddt_ptr + row, mask=mask_t, other=0.0) + da * A
         tl.store(ddt_ptr + row, ddt, mask=mask_t)
         tl.store(dA_ptr + part, tl.sum(da * dt, axis=0))
 
