@@ -52,7 +52,7 @@ def released(model: Model, folder: str, image_file: str, question: str, max_tile
     if tok.vocab_size > cfg.vocab_size or image_id != cfg.img_context_id:
         raise InputError(f"{folder}: its tokenizer ({tok.vocab_size} ids, <IMG_CONTEXT> {image_id}) does "
                          f"not fit config.json ({cfg.vocab_size} ids, <IMG_CONTEXT> {cfg.img_context_id})")
-    pixels = hovle.tiles(hovle.load_image(image_file), cfg.image_size, max_tiles)
+    pixels = hovle.tiles(data.open_image(image_file), cfg.image_size, max_tiles)
     ids = tok.encode(hovle.chat_prompt(question, cfg.image_tokens * len(pixels)))
     return ids, pixels, tok.specials["<|im_end|>"], lambda new: tok.decode(new).strip()  # as chat()
 

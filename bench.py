@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convert import load_model
+from convert import hovle_config, load_model
 from model import Model, ModelConfig, make_layers
 from ssd import ssd_chunked
 from utils import arg, git_commit, parse_config, run_main, write_json
@@ -97,7 +97,6 @@ class BenchConfig:
     timeout_s: float = arg(900.0, "a model point's process is stopped after this long")
     table2_image_tokens: int = arg(768, "image tokens of the Table 2 prompt (whole images)")
     batch: list[int] = arg([1], "kernel section batch sizes")
-    backward: bool = arg(True, "kernel section: forward + backward too")
     seed: int = arg(0, "seed of weights and inputs")
     long: bool = arg(False, "the paper's point: every layout once at 103,000 tokens, no budget")
     smoke: bool = arg(False, "tiny sizes, points in this process: checks the machinery only")
@@ -150,9 +149,9 @@ def resolve(c: BenchConfig) -> BenchConfig:
 # the vision stem. A forward takes max(FLOPs / peak, bytes / bandwidth) at GPU's peaks (a roofline).
 
 def architecture(n_attn: int) -> dict:
-    """ModelConfig.hovle() keeping n_attn of its 32 layers as attention, counted on a Model on the
+    """convert.hovle_config() keeping n_attn of its 32 layers as attention, counted on a Model on the
     meta device: parameters, the weights that multiply every token, K + V bytes per token, state."""
-    cfg = ModelConfig.hovle(layers=make_layers(32, n_attn))
+    cfg = hovle_config(layers=make_layers(32, n_attn))
     with torch.device("meta"):
         model = Model(cfg)
     P = cfg.head_dim                                    # = N
@@ -261,7 +260,7 @@ def cost_lines(costs: dict) -> list:
 # ---- One model point: prefill and greedy decoding, timed, or its peak memory -----------------------
 
 def model_config(c: BenchConfig, which: str) -> ModelConfig:
-    base = ModelConfig.hovle() if c.preset == "hovle" else ModelConfig()
+    base = hovle_config() if c.preset == "hovle" else ModelConfig()
     n_attn = {"teacher": base.n_layers, "linear": 0, "hybrid": base.n_layers // 4}[which]
     return base.replace(layers=make_layers(base.n_layers, n_attn))
 
@@ -588,7 +587,7 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
     ssds = {"ssd_chunked": ssd_chunked}
     if device.type == "cuda" and ssd_triton is not None:
         ssds["ssd_triton"] = ssd_triton
-    modes = ["fwd", "fwd+bwd"][:1 + c.backward]
+    modes = ["fwd", "fwd+bwd"]
     src = torch.ones(1 << 26, device=device)
     dst = torch.zeros_like(src)
     bandwidth = 8 * src.numel() / statistics.median(timeit(lambda: dst.copy_(src), device, 5, 1e9))
@@ -694,23 +693,6 @@ def compute_checks(points: list, metric: str, decode: dict | None = None) -> dic
     return checks
 
 
-def ratio_text(ratios: list, key: str) -> str:
-    """'speedup at L=32768 vs teacher | teacher-seg: linear 8.0x | 6.0x, hybrid 4.0x | 3.0x'."""
-    if not ratios:
-        return ""
-    L = max(r["L"] for r in ratios)
-    at = {(r["layout"], r["vs"]): r[key] for r in ratios if r["L"] == L}
-    refs = [ref for ref in TEACHERS if any(vs == ref for _, vs in at)]
-
-    def shown(v):
-        if v is None:
-            return "-"
-        return f"{v:.1f}x" if key == "speedup" else f"{v:.0%}"
-    each = [s + " " + " | ".join(shown(at.get((s, ref))) for ref in refs)
-            for s in STUDENTS if any(x == s for x, _ in at)]
-    return f"{key} at L={L} vs {' | '.join(refs)}: " + ", ".join(each)
-
-
 def text_table(columns: list, rows: list) -> list:
     """columns: (header, format spec of its numbers; "": left-aligned text). A short row (a
     failure) ends in free text."""
@@ -788,7 +770,7 @@ def make_plots(res: dict, out: str) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, StrMethodFormatter
+    from matplotlib.ticker import NullLocator
     c = res["config"]
     metric = model["memory_metric"]
     xs = sorted({p["L"] for p in points})
@@ -804,9 +786,6 @@ def make_plots(res: dict, out: str) -> list:
                title=f"{c['preset']}, {c['dtype']}, {res['machine']['where']}, {res['commit']}")
         ax.set_xticks(xs, [f"{x / 1024:g}K" if x >= 1024 else str(x) for x in xs])
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -860,17 +839,11 @@ def main(argv=None) -> dict:
         res["model"] = {"memory_metric": metric, "points": points, "decode": decode,
                         "ratios": compute_ratios(points, metric),
                         "checks": compute_checks(points, metric, decode)}
-    model = res.get("model") or {}
-    passed = [v["pass"] for v in model.get("checks", {}).values()]
+    passed = [v["pass"] for v in (res.get("model") or {}).get("checks", {}).values()]
     kernels = [r["status"] for r in (res.get("kernel") or {}).get("results", [])]
-    summary = [ratio_text(model.get("ratios", []), "speedup"),
-               ratio_text(model.get("ratios", []), "memory_saving")]
-    if passed:
-        summary.append(f"goals: {passed.count(True)} pass, {passed.count(False)} fail, "
-                       f"{passed.count(None)} not measured")
-    if kernels:
-        summary.append(f"{kernels.count('ok')}/{len(kernels)} kernel timings ok")
-    res["summary"] = "; ".join(s for s in summary if s) or "nothing measured"
+    res["summary"] = (f"goals: {passed.count(True)} pass, {passed.count(False)} fail, "
+                      f"{passed.count(None)} not measured; {kernels.count('ok')}/{len(kernels)} "
+                      "kernel timings ok")
     res["elapsed_s"] = time.time() - started
     res["plots"] = make_plots(res, c.out)
     write_json(partial, res)

@@ -1,4 +1,5 @@
-"""Import real checkpoints into this project's `Model`; export students in the released layout.
+"""Checkpoint formats: HoVLE, the released mmMamba students and this project's own folders read into
+`Model`; students written in our format or in the released layout.
 
 Paper map (mmMamba, arXiv 2502.13145): Sec. 3.1 / 4.1 distil HoVLE-2.6B (8 holistic-embedding layers
 + InternLM2-1.8B) into Mamba-2 (mmMamba-linear) or a hybrid keeping some attention layers
@@ -7,10 +8,11 @@ so that distill.py, bench.py and ask.py take them; `save_mmmamba` writes a stude
 conversion does.
 
 API
-    load_model(dir, dtype=None, device="cpu", img_context_id=None) -> Model   any supported folder
-    detect_format(dir) -> "native" | "hovle" | "mmmamba" | "internlm2" | "llama"
-    save_mmmamba(model, dir, like, dtype=torch.bfloat16)      the released layout
-    split_wqkv / fuse_wqkv      InternLM2's fused q/k/v rows <-> separate wq, wk, wv
+    load_model(dir, dtype=None, device="cpu") -> Model       any supported folder
+    detect_format(dir) -> "native" | "hovle" | "mmmamba"
+    save_model(model, dir)                                   ours: config.json, model.safetensors
+    save_mmmamba(model, dir, like, dtype=torch.bfloat16)     the released layout
+    hovle_config(layers=None, **overrides)                   HoVLE-2.6B's shapes (the paper's teacher)
 A folder holds config.json and model.safetensors, or model.safetensors.index.json and its shards.
 Tensors keep their stored dtype unless `dtype`. Errors are `CheckpointError` (a ValueError), one
 line naming the file and the key. No q/k rows are permuted: model.rope is rotate-half, as stored.
@@ -40,17 +42,14 @@ as its forward uses them (MAMBA2#L669-L748). Where the official code is silent o
 REPO = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb
 MAMBA2 = REPO/src/model/linear_attention/mamba2.py
 
-Text-only decoders (InternLM2ForCausalLM; LlamaForCausalLM, tied LM head allowed) get a zero vision
-stem of the smallest shape: IMAGES ARE NOT SUPPORTED, and img_context_id (default: the last id) is
-reserved: a prompt with it makes Model.embed raise; generate() never emits it.
-
-Run:  python convert.py SRC --out DIR [--dtype float32] [--img-context-id N]
+Run:  python convert.py SRC --out DIR [--dtype float32]
       python convert.py STUDENT --out DIR --mmmamba --like HOVLE_TEACHER_DIR
 Tests: python -m pytest -q tests/test_convert.py tests/test_released.py
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import glob
 import os
@@ -74,9 +73,7 @@ class CheckpointError(InputError):
 
 # config.json's "architectures" (or "model_type") -> format
 ARCHITECTURES = {"InternVLChatModel": "hovle", "internvl_chat": "hovle",
-                 "mmMambaChatModel": "mmmamba", "mmMamba_chat": "mmmamba",
-                 "InternLM2ForCausalLM": "internlm2", "internlm2": "internlm2",
-                 "LlamaForCausalLM": "llama", "llama": "llama"}
+                 "mmMambaChatModel": "mmmamba", "mmMamba_chat": "mmmamba"}
 BLOCK_TYPES = {"mha": "attn", "mamba2": "mamba2"}       # mmMamba's layers_block_type -> model.py's
 BLOCK_NAMES = {"attn": "mha", "mamba2": "mamba2"}
 
@@ -89,24 +86,14 @@ MAMBA2_LAYER = {"mixer.conv1d.weight": "attention.conv1d.weight",
                 "mixer.dt_bias": "attention.dt_bias", "mixer.A_log": "attention.A_log_bias",
                 "mixer.norm.weight": "attention.g_norm_swish_gate.weight",
                 "mixer.wo.weight": "attention.o_proj.weight", **NORMS_FFN}
-LLAMA_LAYER = {"attention_norm.weight": "input_layernorm.weight",
-               "ffn_norm.weight": "post_attention_layernorm.weight",
-               **{f"mixer.w{x}.weight": f"self_attn.{x}_proj.weight" for x in "qkvo"},
-               **{f"feed_forward.w{j}.weight": f"mlp.{x}_proj.weight"
-                  for j, x in zip("132", ("gate", "up", "down"))}}
 
 # {our key: theirs} outside the layers
-HOVLE_OUTSIDE = {"embed_tokens.weight": E + "llm_text_embeddings.weight",
-                 "vision.patch_embedding.weight": E + "vision_embeddings.patch_embedding.weight",
-                 "vision.patch_embedding.bias": E + "vision_embeddings.patch_embedding.bias",
-                 **{f"vision.pixel_shuffle_proj.{k}": f"{E}pixel_shuffle_proj.{k}"
-                    for k in ("0.weight", "0.bias", "2.weight", "2.bias")},
-                 "norm.weight": L + "model.norm.weight", "lm_head.weight": L + "output.weight"}
-OUTSIDE = {"hovle": HOVLE_OUTSIDE, "mmmamba": HOVLE_OUTSIDE,
-           "internlm2": {"embed_tokens.weight": "model.tok_embeddings.weight",
-                         "norm.weight": "model.norm.weight", "lm_head.weight": "output.weight"},
-           "llama": {"embed_tokens.weight": "model.embed_tokens.weight",
-                     "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}}
+OUTSIDE = {"embed_tokens.weight": E + "llm_text_embeddings.weight",
+           "vision.patch_embedding.weight": E + "vision_embeddings.patch_embedding.weight",
+           "vision.patch_embedding.bias": E + "vision_embeddings.patch_embedding.bias",
+           **{f"vision.pixel_shuffle_proj.{k}": f"{E}pixel_shuffle_proj.{k}"
+              for k in ("0.weight", "0.bias", "2.weight", "2.bias")},
+           "norm.weight": L + "model.norm.weight", "lm_head.weight": L + "output.weight"}
 POSITIONS = E + "vision_embeddings.position_embedding"      # (1, 1 + g*g, D): class token first
 CLASS_TOKEN = E + "vision_embeddings.class_embedding"        # unused by HoVLE's forward
 LLM_TOKENS = L + "model.tok_embeddings.weight"               # unused: the LLM gets hidden states
@@ -126,6 +113,15 @@ COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.
                 "added_tokens.json", "generation_config.json")
 
 
+def hovle_config(layers: list | None = None, **overrides) -> ModelConfig:
+    """HoVLE-2.6B, the paper's teacher: 8 holistic-embedding + 24 InternLM2-1.8B layers, as its
+    config.json gives them. 92546 is <IMG_CONTEXT> in the InternVL2 / InternLM2 tokenizer."""
+    shapes = dict(vocab_size=92553, hidden_size=2048, intermediate_size=8192, n_heads=16,
+                  n_kv_heads=8, layers=layers or ["attn"] * 32, rope_theta=1e6, image_size=448,
+                  patch_size=14, img_context_id=92546)
+    return ModelConfig(**{**shapes, **overrides})
+
+
 def split_wqkv(w: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
     """InternLM2's fused `wqkv.weight` ((H + 2 Hkv) P, D), rows laid out (kv head j, slot, p) with
     slots [q x G, k, v] (G = H / Hkv), into wq (H P, D), wk (Hkv P, D), wv (Hkv P, D). Query head
@@ -143,21 +139,17 @@ def fuse_wqkv(wq, wk, wv, n_heads: int, n_kv_heads: int, head_dim: int) -> torch
     return torch.cat(groups, dim=1).flatten(0, 2)
 
 
-def _layer_names(fmt: str, kind: str) -> tuple:
-    """For a layer of `kind` in format `fmt`: ({our key: theirs}, their fused projection's key, our
-    projections in its row order). InternLM2's wqkv interleaves by KV group (split_wqkv); mmMamba's
-    wvkqgdt stacks [v | k | q | g | dt] (MAMBA2#L797)."""
-    if fmt == "llama":
-        return LLAMA_LAYER, None, ()
+def _layer_names(kind: str) -> tuple:
+    """For a layer of `kind`: ({our key: theirs}, their fused projection's key, our projections in
+    its row order). InternLM2's wqkv interleaves by KV group (split_wqkv); mmMamba's wvkqgdt stacks
+    [v | k | q | g | dt] (MAMBA2#L797)."""
     if kind == "mamba2":
         return MAMBA2_LAYER, "attention.wvkqgdt.weight", ("wv", "wk", "wq", "wg", "wdt")
     return INTERNLM2_LAYER, "attention.wqkv.weight", ("wq", "wk", "wv")
 
 
-def _prefix(i: int, n_embed: int, fmt: str) -> str:
+def _prefix(i: int, n_embed: int) -> str:
     """Their key prefix of layer i: HoVLE's embedding model holds the first n_embed layers."""
-    if fmt not in ("hovle", "mmmamba"):
-        return f"model.layers.{i}."
     if i < n_embed:
         return f"{E}encoder.{i}."
     return f"{L}model.layers.{i - n_embed}."
@@ -256,29 +248,24 @@ class _Config:
 
 
 def _decoder(c: _Config, prefix: str, bias_key: str) -> dict:
-    """The SHAPE_KEYS and num_hidden_layers of InternLM2, Llama or either half of HoVLE, checked."""
+    """The SHAPE_KEYS and num_hidden_layers of either half of HoVLE (InternLM2's keys), checked."""
     c.supported((prefix + bias_key, False, "model.py's attention has no biases"),
                 (prefix + "mlp_bias", False, "model.py's MLP has no biases"),
                 (prefix + "hidden_act", "silu", "model.py's MLP is SwiGLU with SiLU"),
                 (prefix + "rope_scaling", None, "model.rope has no scaling"))
     keys = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
     out = {k: c.number(prefix + k) for k in keys}
-    H = out["num_attention_heads"]
-    out["num_key_value_heads"] = c.number(prefix + "num_key_value_heads", H)
+    out["num_key_value_heads"] = c.number(prefix + "num_key_value_heads", out["num_attention_heads"])
     out["rope_theta"] = float(c.number(prefix + "rope_theta", 10000.0, integer=False))
     out["rms_norm_eps"] = float(c.number(prefix + "rms_norm_eps", 1e-6, integer=False))
-    head_dim = c.get(prefix + "head_dim", None)
-    if head_dim is not None and head_dim * H != out["hidden_size"]:
-        raise CheckpointError(f"{c.path}: key '{prefix}head_dim' = {head_dim!r} != hidden_size / "
-                              f"num_attention_heads: not supported by model.py")
     return out
 
 
-def _model_config(c: _Config, dec: dict, layers: list, **kw) -> ModelConfig:
+def _model_config(c: _Config, **fields) -> ModelConfig:
     try:
-        return ModelConfig(**{ours: dec[theirs] for theirs, ours in SHAPE_KEYS.items()}, layers=layers, **kw)
+        return ModelConfig(**fields)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{c.path}: the config does not give a valid model: {e}") from e
+        raise CheckpointError(f"{c.path}: invalid model config: {e}") from e
 
 
 def _kinds(c: _Config, prefix: str, n_layers: int, fmt: str) -> list:
@@ -324,53 +311,38 @@ def _hovle_config(c: _Config, fmt: str) -> ModelConfig:
     ratio = c.number(e + "downsample_ratio", c.number("downsample_ratio", 0.5, integer=False),
                      integer=False)
     img = c.get(e + "img_context_token_id", c.get("img_context_token_id", 92546))  # <IMG_CONTEXT>
-    return _model_config(c, ce, layers, vocab_size=vocab, image_size=size, pixel_shuffle_ratio=ratio,
-                         patch_size=c.number(e + "patch_size"), img_context_id=img)
-
-
-def _text_config(c: _Config, fmt: str) -> ModelConfig:
-    bias_key = "attention_bias"
-    if fmt == "internlm2":
-        c.supported(("tie_word_embeddings", False, "InternLM2 stores its LM head as output.weight"))
-        bias_key = "bias"
-    dec = _decoder(c, "", bias_key)
-    vocab = c.number("vocab_size")
-    return _model_config(c, dec, ["attn"] * dec["num_hidden_layers"], vocab_size=vocab, image_size=1,
-                         patch_size=1, pixel_shuffle_ratio=1.0, img_context_id=vocab - 1)
+    shapes = {ours: ce[theirs] for theirs, ours in SHAPE_KEYS.items()}
+    return _model_config(c, **shapes, layers=layers, vocab_size=vocab, image_size=size,
+                         pixel_shuffle_ratio=ratio, patch_size=c.number(e + "patch_size"),
+                         img_context_id=img)
 
 
 def detect_format(directory: str) -> str:
-    """"native" (Model.save_pretrained's config.json), "hovle", "mmmamba", "internlm2" or "llama"."""
+    """"native" (save_model's config.json), "hovle" or "mmmamba"."""
     path = os.path.join(directory, "config.json")
     d = read_json(path)
     if "layers" in d:
         return "native"
-    hovle = "embedding_config" in d and "llm_config" in d
     arch = d.get("architectures") or d.get("model_type")
-    if hovle and not arch:
-        arch = "InternVLChatModel"
     if isinstance(arch, list) and arch:
         arch = arch[0]
     fmt = ARCHITECTURES.get(str(arch))
     if str(arch).startswith("HoVLE"):
         fmt = "hovle"
     if fmt is None:
-        known = ", ".join(a for a in ARCHITECTURES if a[0].isupper())
-        raise CheckpointError(f"{path}: unknown architecture '{arch}' (key 'architectures'); "
-                              f"supported: {known}, HoVLE*, or our own format")
-    if fmt in ("hovle", "mmmamba") and not hovle:
+        raise CheckpointError(f"{path}: unknown architecture '{arch}' (key 'architectures'); supported: "
+                              "InternVLChatModel or HoVLE* (HoVLE), mmMambaChatModel, or our own format")
+    if "embedding_config" not in d or "llm_config" not in d:
         raise CheckpointError(f"{path}: architecture '{arch}' without keys 'embedding_config' and "
                               f"'llm_config': only HoVLE (no separate vision encoder) is supported")
     return fmt
 
 
-def _layer(t: _Tensors, cfg: ModelConfig, own: dict, i: int, prefix: str, fmt: str) -> dict:
+def _layer(t: _Tensors, cfg: ModelConfig, own: dict, i: int, prefix: str) -> dict:
     """Layer i's weights under our keys, from theirs under `prefix`; `own`: our state dict (shapes)."""
-    names, fused, parts = _layer_names(fmt, cfg.layers[i])
+    names, fused, parts = _layer_names(cfg.layers[i])
     ours = f"layers.{i}."
     state = t.take(own, {ours + k: prefix + v for k, v in names.items()})
-    if fused is None:
-        return state
     rows = [own[f"{ours}mixer.{p}.weight"].shape[0] for p in parts]
     w = t.get(prefix + fused, (sum(rows), cfg.hidden_size))
     if fused.endswith("wqkv.weight"):
@@ -381,55 +353,31 @@ def _layer(t: _Tensors, cfg: ModelConfig, own: dict, i: int, prefix: str, fmt: s
     return state
 
 
-def _state(t: _Tensors, cfg: ModelConfig, c: _Config, own: dict, fmt: str) -> dict:
-    """HoVLE / mmMamba: the embedding model's layers then the LLM's. A text-only decoder: its
-    layers, a zero vision stem and, if tied, the LM head copied from the embedding."""
-    hovle = fmt in ("hovle", "mmmamba")
-    n_embed = 0
-    if hovle:
-        n_embed = c.get("embedding_config.num_hidden_layers")
+def _state(t: _Tensors, cfg: ModelConfig, c: _Config, own: dict) -> dict:
+    """Our tensors from HoVLE's or mmMamba's: the embedding model's layers, the LLM's, the rest."""
+    n_embed = c.get("embedding_config.num_hidden_layers")
     state = {}
     for i in range(cfg.n_layers):
-        state.update(_layer(t, cfg, own, i, _prefix(i, n_embed, fmt), fmt))
-    names = dict(OUTSIDE[fmt])
-    if hovle:
-        g2 = cfg.grid ** 2
-        pos = t.get(POSITIONS, (1, 1 + g2, cfg.hidden_size), (1, g2, cfg.hidden_size))
-        state["vision.position_embedding"] = pos[:, -g2:].clone()    # without the class token's slot
-        t.used |= {CLASS_TOKEN, LLM_TOKENS}
-    elif c.get("tie_word_embeddings", False) and "lm_head.weight" not in t.where:
-        del names["lm_head.weight"]
-    state.update(t.take(own, names))
-    if not hovle:            # tied: a copy (safetensors will not save one tensor under two names)
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"].clone())
-        dtype = state["embed_tokens.weight"].dtype
-        vision = [k for k in own if k.startswith("vision.")]
-        state.update({k: torch.zeros(own[k].shape, dtype=dtype) for k in vision})
+        state.update(_layer(t, cfg, own, i, _prefix(i, n_embed)))
+    g2 = cfg.grid ** 2
+    pos = t.get(POSITIONS, (1, 1 + g2, cfg.hidden_size), (1, g2, cfg.hidden_size))
+    state["vision.position_embedding"] = pos[:, -g2:].clone()    # without the class token's slot
+    t.used |= {CLASS_TOKEN, LLM_TOKENS}
+    state.update(t.take(own, OUTSIDE))
     return state
 
 
-def load_model(directory: str, dtype: torch.dtype | None = None, device="cpu",
-               img_context_id: int | None = None) -> Model:
+def load_model(directory: str, dtype: torch.dtype | None = None, device="cpu") -> Model:
     """Any supported checkpoint folder as a Model (see `detect_format`): the one loader of every
-    entry point. img_context_id overrides the <IMG_CONTEXT> id (imported formats only)."""
+    entry point."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such checkpoint folder")
     fmt = detect_format(directory)
     c = _Config(os.path.join(directory, "config.json"))
-    if fmt == "native":                                  # Model.save_pretrained's folder
-        cfg = ModelConfig.load(c.path)
-        if img_context_id not in (None, cfg.img_context_id):
-            raise InputError(f"{directory}: img_context_id is fixed by its config.json "
-                             f"({cfg.img_context_id}), got {img_context_id}")
-    elif fmt in ("hovle", "mmmamba"):
-        cfg = _hovle_config(c, fmt)
+    if fmt == "native":
+        cfg = _model_config(c, **c.d)
     else:
-        cfg = _text_config(c, fmt)
-    if img_context_id is not None and fmt != "native":
-        if not isinstance(img_context_id, int) or not 0 <= img_context_id < cfg.vocab_size:
-            raise InputError(f"{directory}: img_context_id {img_context_id!r} is not a token id "
-                             f"(vocab_size {cfg.vocab_size})")
-        cfg = cfg.replace(img_context_id=img_context_id)
+        cfg = _hovle_config(c, fmt)
     with torch.device("meta"):
         model = Model(cfg)
     own = model.state_dict()
@@ -437,7 +385,7 @@ def load_model(directory: str, dtype: torch.dtype | None = None, device="cpu",
     if fmt == "native":                                  # every tensor as stored, checked below
         state = {k: t._open(path).get_tensor(k) for k, path in t.where.items()}
     else:
-        state = _state(t, cfg, c, own, fmt)
+        state = _state(t, cfg, c, own)
         t.check_all_used()
     shared = set(own) & set(state)
     problems = {"missing keys": sorted(set(own) - set(state)),
@@ -453,6 +401,14 @@ def load_model(directory: str, dtype: torch.dtype | None = None, device="cpu",
     return model.to(device=device, dtype=dtype)
 
 
+def save_model(model: Model, directory: str) -> None:
+    """Our format: directory/config.json and directory/model.safetensors, each written atomically."""
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(directory, "model.safetensors"), functools.partial(save_file, state))
+    write_json(os.path.join(directory, "config.json"), dataclasses.asdict(model.cfg))
+
+
 # ----------------------------------------------------------------------------------------------
 # Export in the released layout
 
@@ -463,11 +419,11 @@ def _official_state(model: Model, n_embed: int) -> dict:
     pos = state["vision.position_embedding"]                               # (1, g*g, D)
     slot0 = pos.new_zeros(1, 1, cfg.hidden_size)
     out = {CLASS_TOKEN: slot0.clone(), POSITIONS: torch.cat([slot0, pos], dim=1)}
-    outside = {theirs: state[ours] for ours, theirs in HOVLE_OUTSIDE.items()}
+    outside = {theirs: state[ours] for ours, theirs in OUTSIDE.items()}
     out.update({k: v for k, v in outside.items() if k.startswith(E)})
     for i in range(cfg.n_layers):
-        names, fused, parts = _layer_names("mmmamba", cfg.layers[i])
-        prefix = _prefix(i, n_embed, "mmmamba")
+        names, fused, parts = _layer_names(cfg.layers[i])
+        prefix = _prefix(i, n_embed)
         out.update({prefix + theirs: state[f"layers.{i}.{ours}"] for ours, theirs in names.items()})
         weights = [state[f"layers.{i}.mixer.{p}.weight"] for p in parts]
         if fused.endswith("wqkv.weight"):
@@ -549,13 +505,12 @@ def save_mmmamba(model: Model, directory: str, like: str, dtype: torch.dtype = t
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Read a checkpoint folder (HoVLE, mmMamba, InternLM2, "
-                                            "Llama, ours); write it in our format or mmMamba's")
+    p = argparse.ArgumentParser(description="Read a checkpoint folder (HoVLE, mmMamba, ours); "
+                                            "write it in our format or mmMamba's")
     p.add_argument("src", help="checkpoint folder (any supported format)")
     p.add_argument("--out", help="write the model to this folder (our format unless --mmmamba)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                    help="cast the weights (--mmmamba: default bfloat16)")
-    p.add_argument("--img-context-id", type=int, help="<IMG_CONTEXT> token id (HoVLE: from config.json)")
     p.add_argument("--mmmamba", action="store_true", help="write --out in the released mmMamba layout")
     p.add_argument("--like", help="with --mmmamba: the HoVLE teacher (or an mmMamba) folder whose "
                                   "config and tokenizer the export starts from, as convert_weight.py")
@@ -565,11 +520,11 @@ def main(argv=None) -> None:
     dtype = None
     if args.dtype:
         dtype = getattr(torch, args.dtype)
-    model = load_model(args.src, dtype=dtype, img_context_id=args.img_context_id)
+    model = load_model(args.src, dtype=dtype)
     if args.mmmamba:
         save_mmmamba(model, args.out, args.like, getattr(torch, args.dtype or "bfloat16"))
     elif args.out:
-        model.save_pretrained(args.out)
+        save_model(model, args.out)
     c = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     line = (f"{args.src}: {detect_format(args.src)}, {n_params:,} parameters, {c.n_layers} layers "

@@ -19,23 +19,19 @@ back in the kept layers. Optimiser: AdamW (betas 0.9, 0.95), weight decay 0.05 o
 gradient clip 2.0, warmup-stable-decay schedule. The loop (`train`) trains any objective module:
 teacher/train.py uses it to train the bundled teacher, the stand-in for HoVLE (not in the paper).
 
-Official code (github.com/hustvl/mmMamba at 85143d0), followed except where the README's "Where
-this follows the official code" says why not (per-token KL, whole-model checkpoints, padding
-masked, lr and steps):
+Official code, followed except where the README says why not (per-token KL, whole-model
+checkpoints, padding masked, lr and steps):
     layer MSE  https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/src/trainer/distill_every_layer.py#L49-L64
     KL         https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/src/trainer/default_lm.py#L464-L478
 
 A run folder holds one folder per stage: stageK/ckpt.pt (resume with --resume), stageK/model/ (the
 student when the stage ends), stageK/log.jsonl, stageK/summary.json; `--stage all` adds fidelity.png.
-Evaluation and the stage reports are in evaluate.py; a data-chosen hybrid placement (not in the
-paper) is experiments/ablate.py's `choose_attention_layers`.
 
 Run:
     python distill.py --stage 1                    # then 2, 3 (each starts from the previous one)
     python distill.py --stage all                  # 1, 2, 3 -> runs/linear
     python distill.py --stage all --layers hybrid --n-attn 2 --placement head-interleaved
     python distill.py --eval checkpoints/teacher   # accuracy table of any checkpoint folder
-    python distill.py --stage 1 --data my.jsonl    # distil on your own LLaVA-style data
     torchrun --nproc_per_node=2 distill.py --stage 1   # data parallel (gloo on CPU, NCCL on GPU)
 """
 from __future__ import annotations
@@ -57,12 +53,12 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
-from convert import load_model
+from convert import load_model, save_model
 from evaluate import (accuracy, evaluate_folder, mixer_fidelity, plot_fidelity, stage_report,
                       teacher_accuracy, test_samples)
 from model import PLACEMENTS, Mamba2Mixer, Model, make_layers
 from seed import MODES, seed_student
-from utils import InputError, all_sum, arg, atomic_write, dist_setup, parse_config, run_main, write_json
+from utils import all_sum, arg, atomic_write, dist_setup, parse_config, run_main, write_json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,20 +94,12 @@ def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mas
     return ((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum(), mask.sum().float()
 
 
-def kl_mask(batch: dict, kl_tokens: str) -> torch.Tensor:
-    """(b, L) bool: every non-padding token ("all"), or the positions whose logits predict an
-    answer token ("answer": answer_mask shifted left by one, since logits[t] predict token t+1)."""
-    if kl_tokens == "all":
-        return batch["attention_mask"]
-    return F.pad(batch["answer_mask"][:, 1:], (0, 1))
-
-
 def kl_loss(student: Model, teacher: Model, batch: dict, cfg: TrainConfig):
-    """Stage 3: the per-token KL on the positions of kl_mask(batch, cfg.kl_tokens)."""
+    """Stage 3: the per-token KL on every non-padding token."""
     with torch.no_grad():
         t_logits = teacher(batch["input_ids"], batch["pixel_values"])
     s_logits = student(batch["input_ids"], batch["pixel_values"])
-    return kl_per_token(t_logits, s_logits, kl_mask(batch, cfg.kl_tokens))
+    return kl_per_token(t_logits, s_logits, batch["attention_mask"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,8 +238,6 @@ def train_samples(cfg: LoopConfig):
     if not cfg.data:
         return None
     samples = data.load_jsonl(cfg.data)
-    if not samples:
-        raise InputError(f"{cfg.data}: no samples")
     random.Random(cfg.seed).shuffle(samples)
     return samples
 
@@ -344,7 +330,7 @@ def train(cfg: LoopConfig, objective: nn.Module, samples: list | None = None) ->
                 last_good = step + 1
     student.eval()
     if rank == 0:
-        student.save_pretrained(os.path.join(cfg.stage_dir, "model"))
+        save_model(student, os.path.join(cfg.stage_dir, "model"))
     return losses
 
 
@@ -363,8 +349,6 @@ class TrainConfig(LoopConfig):
                          choices=PLACEMENTS)
     init: str = arg("inherit+mimic", "seeding mode (the paper's Table 4)", choices=MODES)
     mse_scale: float = arg(1000.0, "stages 1-2: loss scale (the official code's)")
-    kl_tokens: str = arg("all", "stage 3: KL on all tokens or on the positions predicting the answer",
-                         choices=("all", "answer"))
     eval: str = arg("", "print the accuracy table of this checkpoint folder and exit")
     eval_data: str = arg("", "evaluate on this JSONL instead of the synthetic test split")
     eval_per_category: int = arg(50, "synthetic test questions per category (0: no accuracy after a stage)")

@@ -9,7 +9,7 @@ fidelity compares each student mixer with the teacher's attention on the teacher
 Run:
     python distill.py --eval checkpoints/teacher --eval-per-category 200   # the --eval mode is here
     python distill.py --eval runs/linear/stage3/model --eval-data my_test.jsonl   # any LLaVA JSONL
-    python evaluate.py [--checkpoint DIR]      # per-layer fidelity of freshly seeded students, per mode
+    python experiments/seed_fidelity.py       # per-layer fidelity of freshly seeded students, per mode
 
 Tests: python -m pytest -q tests/test_evaluate.py tests/test_distill.py
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,7 @@ import torch.nn.functional as F
 import data
 from convert import load_model
 from model import Mamba2Mixer, Model
-from seed import MODES, seed_student
-from utils import InputError, arg, parse_config, run_main, write_json
+from utils import InputError, write_json
 
 
 def test_samples(n_per_category: int) -> list:
@@ -40,10 +38,7 @@ def evaluate(model: Model, samples: list, progress: bool = False, batch_size: in
     """Greedy generation, exact match, accuracy per category: data.score's dict, with the
     predictions. Prompts of equal length go batch_size at a time."""
     model.eval()
-
-    def generate(input_ids, pixel_values, max_new_tokens, eos_id):
-        return model.generate(input_ids, pixel_values, max_new_tokens, eos_id)
-    return data.score(generate, samples, batch_size=batch_size, progress=progress)
+    return data.score(model.generate, samples, batch_size=batch_size, progress=progress)
 
 
 def accuracy(model: Model, samples: list) -> dict:
@@ -165,8 +160,6 @@ def evaluate_folder(folder: str, eval_data: str = "", per_category: int = 50) ->
     if eval_data:
         name += "@" + os.path.splitext(os.path.basename(eval_data))[0]
         samples = data.load_jsonl(eval_data, model.cfg.image_size)
-        if not samples:
-            raise InputError(f"{eval_data}: no samples")
     else:
         samples = test_samples(per_category)
         if not samples:
@@ -181,31 +174,3 @@ def evaluate_folder(folder: str, eval_data: str = "", per_category: int = 50) ->
     write_json(path, result)
     print(f"predictions: {path}")
     return result
-
-
-@dataclass
-class FidelityConfig:
-    checkpoint: str = arg("checkpoints/teacher", "teacher model folder")
-    modes: list[str] = arg(list(MODES), "seeding modes", choices=MODES)
-    n: int = arg(14, "test questions to measure on")
-    seed: int = arg(0, "seed of the new parameters")
-
-
-def main(argv=None) -> dict:
-    """The per-layer fidelity of a freshly seeded all-Mamba-2 student, one column per mode."""
-    cfg = parse_config(FidelityConfig, argv, "Per-layer fidelity of freshly seeded Mamba-2 mixers, per mode.")
-    teacher = load_model(cfg.checkpoint).float().eval()
-    batch = data.collate([data.sample_at(data.DataConfig(), "test", 0, i) for i in range(cfg.n)])
-    layers = ["mamba2"] * teacher.cfg.n_layers
-    results = {}
-    for mode in cfg.modes:
-        student = seed_student(teacher, layers, mode, torch.Generator().manual_seed(cfg.seed))
-        results[mode] = mixer_fidelity(teacher, student, batch["input_ids"], batch["pixel_values"])
-    print(f"{cfg.checkpoint}: per-head outputs before W_O of seeded Mamba-2 mixers against the "
-          f"teacher's attention, on {cfg.n} test questions")
-    print(fidelity_table(results))
-    return results
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -149,17 +149,6 @@ def tiles(image: Image.Image, size: int = 448, max_tiles: int = 6) -> torch.Tens
     return (x - mean) / std
 
 
-def load_image(file: str) -> Image.Image:
-    """An image file as RGB; InputError naming the file if it is missing or unreadable."""
-    if not os.path.isfile(file):
-        raise InputError(f"{file}: no such image file")
-    try:
-        with Image.open(file) as im:
-            return im.convert("RGB")
-    except Exception as e:          # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise InputError(f"{file}: cannot read the image ({e})") from None
-
-
 def chat_prompt(question: str, n_image_tokens: int) -> str:
     """HoVLE's chat() prompt for one question about one image (n_image_tokens <IMG_CONTEXT> in all):
     the "internlm2-chat" template (system, user, then the assistant's turn left open), the question

@@ -13,7 +13,7 @@ https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/
     inherit         inherited                          inherited  non-mimic values
     inherit+mimic   inherited                          inherited  mimic values (the default)
 
-How close each mode starts to the teacher (per-layer fidelity, per mode): python evaluate.py
+How close each mode starts to the teacher: python experiments/seed_fidelity.py
 Tests: python -m pytest -q tests/test_seed.py
 """
 from __future__ import annotations
@@ -36,8 +36,6 @@ def seed_mixer(attn: Attention, cfg: ModelConfig, mode: str = "inherit+mimic",
     tensors are copies: training the mixer leaves `attn` untouched."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(attn, Attention):
-        raise ValueError(f"seed_mixer needs an Attention layer, got {type(attn).__name__}")
     mixer = Mamba2Mixer(cfg).to(attn.wq.weight.device, attn.wq.weight.dtype)
     for name in Mamba2Mixer.INHERITED:
         w = getattr(mixer, name).weight

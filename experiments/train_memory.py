@@ -1,5 +1,5 @@
-"""Memory per GPU of a HoVLE-size distillation stage (ModelConfig.hovle(): 32 layers, d_model 2048),
-with and without distill.py's --bf16 (autocast) and --recompute (activation checkpointing).
+"""Memory per GPU of a HoVLE-size distillation stage (convert.hovle_config(): 32 layers, d_model
+2048), with and without distill.py's --bf16 (autocast) and --recompute (activation checkpointing).
 
     weights      the frozen teacher and the student, float32 (autocast keeps float32 weights)
     gradients    float32, the stage's trainable set (distill.STAGES, set_trainable)
@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the library
 import distill  # noqa: E402
-from model import Model, ModelConfig  # noqa: E402
+from convert import hovle_config  # noqa: E402
+from model import Model  # noqa: E402
 from seed import seed_student  # noqa: E402
 
 GiB = 2 ** 30
@@ -41,8 +42,8 @@ LENGTHS = (128, 256)                                 # >= 2 SSD chunks: linear f
 def counts(stage: int) -> tuple:
     """(teacher parameters, student parameters, trainable parameters) of the HoVLE-size stage."""
     with torch.device("meta"):
-        teacher = Model(ModelConfig.hovle())
-        student = Model(ModelConfig.hovle(layers=["mamba2"] * 32))
+        teacher = Model(hovle_config())
+        student = Model(hovle_config(layers=["mamba2"] * 32))
     trainable = distill.set_trainable(student, teacher, stage)
     params = dict(student.named_parameters())
     n = sum(params[name].numel() for name in trainable)
@@ -53,7 +54,7 @@ def saved_bytes(stage: int, n_layers: int, L: int, vocab: int, bf16: bool, recom
     """Bytes the stage's loss saves for backward, on a HoVLE-width model of n_layers and a `vocab`
     vocabulary, one row of L tokens."""
     torch.manual_seed(0)
-    cfg = ModelConfig.hovle(layers=["attn"] * n_layers, vocab_size=vocab, img_context_id=0)
+    cfg = hovle_config(layers=["attn"] * n_layers, vocab_size=vocab, img_context_id=0)
     teacher = Model(cfg).requires_grad_(False)
     student = seed_student(teacher, ["mamba2"] * n_layers)
     distill.set_trainable(student, teacher, stage)
@@ -88,7 +89,7 @@ def activations(stage: int, bf16: bool, recompute: bool) -> tuple:
     """(bytes per token, bytes independent of the length) of the 32-layer HoVLE stage: a 1-layer
     model (layer 0, whose input needs no gradient, the embedding and the head), 31 times what a
     second layer adds, and for stage 3 the head's growth with the vocabulary, up to HoVLE's."""
-    V = ModelConfig.hovle().vocab_size
+    V = hovle_config().vocab_size
     one = torch.tensor(fit(stage, 1, SMALL_VOCAB, bf16, recompute))
     two = torch.tensor(fit(stage, 2, SMALL_VOCAB, bf16, recompute))
     total = one + 31 * (two - one)

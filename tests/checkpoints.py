@@ -1,6 +1,6 @@
-"""Tiny random checkpoints in the published layouts (HoVLE, the released mmMamba students, InternLM2,
-Llama), written as Hugging Face folders (config.json + model.safetensors, or shards +
-model.safetensors.index.json), and a tiny SentencePiece tokenizer folder, for the tests of convert.py,
+"""Tiny random checkpoints in the published layouts (HoVLE, the released mmMamba students), written
+as Hugging Face folders (config.json + model.safetensors, or shards + model.safetensors.index.json),
+and a tiny SentencePiece tokenizer folder, for the tests of convert.py,
 hovle.py and ask.py. Key names, fused wqkv / wvkqgdt, the class-token slot of HoVLE's position table
 and the tensors HoVLE stores but does not use are as published; the mmMamba layout and config edits
 are written here from the official convert_weight.py and Mamba2_Attention.change_weight, not from
@@ -158,53 +158,6 @@ def write_tiny_hovle(directory: str, *, vocab_size: int = 463, img_context_id: i
                    layers_block_type=list(block_types[n_embed_layers:]))
         llm["auto_map"].update(MMMAMBA_LLM_AUTO_MAP)
     _save_folder(directory, config, t, shards, lambda k: 0 if k.startswith(E) else 1)
-    return t
-
-
-def write_tiny_internlm2(directory: str, *, vocab_size: int = 64, hidden_size: int = 32, n_heads: int = 4,
-                         n_kv_heads: int = 2, intermediate_size: int = 64, n_layers: int = 2,
-                         rope_theta: float = 1e6, norm_eps: float = 1e-5, shards: int = 1, seed: int = 0,
-                         dtype: torch.dtype = torch.float32) -> dict:
-    """A random InternLM2ForCausalLM checkpoint; returns the tensors written."""
-    r = _Rand(seed, dtype)
-    D, V = hidden_size, vocab_size
-    t = {}
-    for i in range(n_layers):
-        t.update(_internlm2_layer_tensors(r, f"model.layers.{i}.", D, n_heads, n_kv_heads, intermediate_size))
-    t.update({"model.tok_embeddings.weight": r(V, D), "model.norm.weight": r.norm(D), "output.weight": r.linear(V, D)})
-    config = _internlm2_config(V, D, n_heads, n_kv_heads, intermediate_size, n_layers, rope_theta, norm_eps)
-    _save_folder(directory, config, t, shards, lambda k: 1 if k.startswith("model.layers.1") else 0)
-    return t
-
-
-def write_tiny_llama(directory: str, *, vocab_size: int = 64, hidden_size: int = 32, n_heads: int = 4,
-                     n_kv_heads: int = 2, intermediate_size: int = 64, n_layers: int = 2, rope_theta: float = 10000.0,
-                     norm_eps: float = 1e-6, tie_word_embeddings: bool = False, shards: int = 1, seed: int = 0,
-                     dtype: torch.dtype = torch.float32) -> dict:
-    """A random LlamaForCausalLM checkpoint (HF layout; no lm_head.weight when tied); returns the
-    tensors written."""
-    r = _Rand(seed, dtype)
-    D, H, Hkv, I, V = hidden_size, n_heads, n_kv_heads, intermediate_size, vocab_size
-    P = D // H
-    t = {}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        t.update({p + "self_attn.q_proj.weight": r.linear(H * P, D),
-                  p + "self_attn.k_proj.weight": r.linear(Hkv * P, D),
-                  p + "self_attn.v_proj.weight": r.linear(Hkv * P, D),
-                  p + "self_attn.o_proj.weight": r.linear(D, H * P),
-                  p + "mlp.gate_proj.weight": r.linear(I, D), p + "mlp.up_proj.weight": r.linear(I, D),
-                  p + "mlp.down_proj.weight": r.linear(D, I),
-                  p + "input_layernorm.weight": r.norm(D), p + "post_attention_layernorm.weight": r.norm(D)})
-    t.update({"model.embed_tokens.weight": r(V, D), "model.norm.weight": r.norm(D)})
-    if not tie_word_embeddings:
-        t["lm_head.weight"] = r.linear(V, D)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
-              "intermediate_size": I, "num_hidden_layers": n_layers, "num_attention_heads": H,
-              "num_key_value_heads": Hkv, "hidden_act": "silu", "rms_norm_eps": norm_eps, "rope_theta": rope_theta,
-              "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
-              "tie_word_embeddings": tie_word_embeddings, "max_position_embeddings": 2048, "torch_dtype": "float32"}
-    _save_folder(directory, config, t, shards, lambda k: 1 if k.startswith("model.layers.1") else 0)
     return t
 
 

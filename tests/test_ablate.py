@@ -9,6 +9,7 @@ import torch
 
 import data
 import distill
+from convert import save_model
 from experiments import ablate
 from model import Model, ModelConfig
 from seed import seed_student
@@ -23,7 +24,7 @@ def tiny_cfg():
 def teacher_dir(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teacher")
-    Model(tiny_cfg()).save_pretrained(str(path))
+    save_model(Model(tiny_cfg()), str(path))
     return str(path)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import ask
 import data
-from convert import load_model
+from convert import load_model, save_model
 from seed import seed_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def test_teacher_answers_a_question_about_a_png(tmp_path, capsys):
     assert ask.main([TEACHER, str(tmp_path / "big.png"), s.question]) == s.answer
     # a linear student built from the teacher loads and answers too (sampling, reproducibly)
     student_dir = tmp_path / "student"
-    seed_student(teacher, ["mamba2"] * 8).save_pretrained(str(student_dir))
+    save_model(seed_student(teacher, ["mamba2"] * 8), str(student_dir))
     a = ask.main([str(student_dir), str(tmp_path / "scene.png"), s.question, "--temperature", "1", "--seed", "3"])
     assert a == ask.main([str(student_dir), str(tmp_path / "scene.png"), s.question, "--temperature", "1",
                           "--seed", "3"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+from convert import save_model
 from model import Model, ModelConfig, make_layers
 
 
@@ -108,7 +109,8 @@ def test_nocache_teacher_generates_the_cached_tokens():
 def test_smoke_run_writes_schema_points_goals_and_report(tmp_path, capsys):
     res = bench.main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1] == res["summary"] and res["summary"].startswith("speedup at L=128 vs teacher")
+    assert printed[-1] == res["summary"] and res["summary"].startswith("goals: ")
+    assert res["summary"].endswith("; 8/8 kernel timings ok")
     table = (tmp_path / "table.txt").read_text()
     assert table.strip().splitlines()[-1] == res["summary"]
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -183,11 +185,11 @@ def test_smoke_run_writes_schema_points_goals_and_report(tmp_path, capsys):
 
 
 def test_a_saved_model_folder_is_benchmarked(tmp_path):
-    """--model FOLDER (Model.save_pretrained) is loaded by convert.load_model: its points are that
+    """--model FOLDER (convert.save_model) is loaded by convert.load_model: its points are that
     model's (its layers, its parameters, its state), and the decode section measures it."""
     torch.manual_seed(3)
     saved = Model(ModelConfig(layers=make_layers(8, 0)))
-    saved.save_pretrained(str(tmp_path / "student"))
+    save_model(saved, str(tmp_path / "student"))
     res = bench.main(["--smoke", "--model", str(tmp_path / "student"), "--parts", "model", "decode",
                       "--out", str(tmp_path / "out")])
     points = res["model"]["points"]
@@ -245,9 +247,9 @@ def test_resolve_presets_flags_and_command_line(capsys):
     folder = bench.resolve(bench.BenchConfig(model="runs/linear/final/"))
     assert folder.layouts == ["model"] and folder.out == os.path.join("bench_results", "final_cpu")
     gpu = bench.parse_config(bench.BenchConfig, ["--preset", "hovle", "--device", "cpu", "--batch", "1", "8",
-                                                 "--parts", "kernel", "--no-backward"])
+                                                 "--parts", "kernel"])
     gpu = bench.resolve(gpu)
-    assert (gpu.dtype, gpu.batch, gpu.parts, gpu.backward) == ("bfloat16", [1, 8], ["kernel"], False)
+    assert (gpu.dtype, gpu.batch, gpu.parts) == ("bfloat16", [1, 8], ["kernel"])
     assert gpu.lengths[-2:] == [103000, 131072]
     for bad in (dict(new_tokens=1), dict(parts=["speed"]), dict(dtype="int8"), dict(preset="huge"),
                 dict(layouts=["student"])):
@@ -332,9 +334,6 @@ def test_ratios_and_checks_computed_by_hand():
     assert bench.compute_checks(points, "run_mib", decode)["linear_decode_flat"]["pass"] is False   # 33%
     points[-1]["run_mib"] = 60.0                                                  # 20% growth: fails
     assert bench.compute_checks(points, "run_mib")["linear_memory_flat"]["pass"] is False
-    assert bench.ratio_text(ratios, "speedup") == ("speedup at L=32768 vs teacher | teacher-seg | "
-                                                   "teacher-nocache: linear 8.0x | 6.0x | 80.0x, "
-                                                   "hybrid 4.0x | 3.0x | 40.0x")
 
 
 def test_budget_skips_points_predicted_to_end_too_late(monkeypatch):

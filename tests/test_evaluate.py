@@ -1,5 +1,6 @@
-"""Tests of evaluate.py: per-layer fidelity against the numbers it names, the fidelity command
-line, one-line errors. (Accuracy and the --eval mode: tests/test_distill.py.)"""
+"""Tests of evaluate.py: per-layer fidelity against the numbers it names; the fidelity of seeded
+students per mode (experiments/seed_fidelity.py), one-line errors. (Accuracy and the --eval mode:
+tests/test_distill.py.)"""
 import os
 import subprocess
 import sys
@@ -7,8 +8,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import evaluate
 from evaluate import mixer_fidelity
+from experiments import seed_fidelity
 from model import Model, ModelConfig, make_layers
 from seed import MODES, seed_student
 
@@ -36,7 +37,7 @@ def test_fidelity_and_cli(capsys):
             t, s = tb.mixer.heads(u).double().flatten(), sb.mixer.heads(u).double().flatten()
             assert abs(r["rel_err"] - ((s - t).norm() / t.norm()).item()) < 1e-9
             assert abs(r["cos_y"] - F.cosine_similarity(sb.mixer.heads(u, gate=False).double().flatten(), t, dim=0).item()) < 1e-9
-    results = evaluate.main(["--n", "3"])                          # the bundled teacher, every mode
+    results = seed_fidelity.main(["--n", "3"])                     # the bundled teacher, every mode
     out = capsys.readouterr().out
     assert set(results) == set(MODES) and all(len(v) == 8 for v in results.values())
     assert "inherit+mimic" in out and "rel.err" in out and "mean" in out
@@ -45,10 +46,11 @@ def test_fidelity_and_cli(capsys):
 
 
 def test_command_line_errors_are_one_line(tmp_path):
-    """evaluate.py and data.py end bad input with one line naming the path, and exit status 1."""
+    """seed_fidelity.py and data.py end bad input with one line naming the path, and exit status 1."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bad = str(tmp_path / "nowhere")
-    for args in (["evaluate.py", "--checkpoint", bad], ["data.py", "--out", str(tmp_path / "file" / "x"), "--n", "1"]):
+    fidelity = os.path.join("experiments", "seed_fidelity.py")
+    for args in ([fidelity, "--checkpoint", bad], ["data.py", "--out", str(tmp_path / "file" / "x"), "--n", "1"]):
         if args[0] == "data.py":
             (tmp_path / "file").write_text("a file, not a folder")
         r = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=120)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+from convert import save_model
 from model import Model, ModelConfig
 from teacher import grounding, train
 from teacher.grounding import GroundingConfig, grounding_loss
@@ -155,7 +156,7 @@ def test_attention_on_target_reports_every_role_per_category(tmp_path, capsys):
     fresh = probe.attention_on_target(model, batch, ROLES)
     assert set(fresh) == {"look", "gather_first", "gather_last", "read"} and set(fresh["read"]) == {"text"}
     assert all(v < 0.5 for per in fresh.values() for v in per.values())
-    tiny(("attn",) * 6).save_pretrained(str(tmp_path / "m"))           # default heads: layers 2, 4, 5
+    save_model(tiny(("attn",) * 6), str(tmp_path / "m"))           # default heads: layers 2, 4, 5
     probe.main([str(tmp_path / "m"), "--n", "7"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["role", *data.CATEGORIES]
