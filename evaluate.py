@@ -15,7 +15,6 @@ Tests: python -m pytest -q tests/test_evaluate.py tests/test_distill.py
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -80,21 +79,6 @@ def fidelity_table(results: dict) -> str:
     keys = ("rel_err", "cosine", "cos_y")
     means = [{k: sum(r[k] for r in rows) / len(rows) for k in keys} for rows in results.values()]
     return "\n".join(lines + [f"{'mean':>5}" + "".join(columns(m) for m in means)])
-
-
-def teacher_accuracy(out: str, teacher_path: str, teacher: Model, tests: list) -> dict:
-    """The teacher's accuracy on `tests`, cached in the run folder `out` (it does not change
-    between stages)."""
-    path = os.path.join(out, "teacher_eval.json")
-    key = [os.path.abspath(teacher_path), len(tests)]
-    cached = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-    if cached.get("key") != key:
-        cached = {"key": key, "result": accuracy(teacher, tests)}
-        write_json(path, cached)
-    return cached["result"]
 
 
 def stage_report(summary: dict) -> str:
