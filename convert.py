@@ -4,8 +4,8 @@
 Paper map (mmMamba, arXiv 2502.13145): Sec. 3.1 / 4.1 distil HoVLE-2.6B (8 holistic-embedding layers
 + InternLM2-1.8B) into Mamba-2 (mmMamba-linear) or a hybrid keeping some attention layers
 (mmMamba-hybrid, Table 6). `load_model` reads the teacher and the released students as published,
-so that distill.py, bench.py and ask.py take them; `save_mmmamba` writes a student as the official
-conversion does.
+so that distill.py, ask.py and experiments/bench.py take them; `save_mmmamba` writes a student as
+the official conversion does.
 
 API
     load_model(dir, dtype=None, device="cpu") -> Model       any supported folder

@@ -1,15 +1,16 @@
 #!/bin/bash
 # The one prepared script for a first GPU session (issue 30): at most 6 minutes on one H100, run
 # unchanged; it installs nothing.
-# Parts in order, each under a hard time limit in seconds (bench.py's own --budget-s inside it):
+# Parts in order, each under a hard time limit in seconds (experiments/bench.py's own --budget-s
+# inside it):
 #   env              [10]  torch, triton, CUDA, the GPU, the commit
 #   tests_16bit      [80]  tests/test_ssd_gpu.py, float16 and bfloat16: ssd_triton against float64
 #                          ssd_chunked at H=16, P=N=128: forward to L=128K and batch 8, backward
-#   kernel_bfloat16  [60]  bench.py --parts kernel at HoVLE's heads, L 1K..128K, batch 1 and 8
-#   model            [135] bench.py --parts table2 model: HoVLE-2.6B shapes (random weights), bf16,
+#   kernel_bfloat16  [60]  bench --parts kernel at HoVLE's heads, L 1K..128K, batch 1 and 8
+#   model            [135] bench --parts table2 model: HoVLE-2.6B shapes (random weights), bf16,
 #                          teacher / linear / hybrid at 32K and 103K, Table 2
 #   tests_float32    [40]  the float32 tests (3xTF32 dots) and the model's logits   (--no-float32
-#   kernel_float32   [30]  bench.py --parts kernel, float32                         skips these two)
+#   kernel_float32   [30]  bench --parts kernel, float32                         skips these two)
 # 355 s of limits in all. A part that fails or runs out of time is recorded and the next one runs.
 # Results in bench_results/<gpu>/ (or --out DIR), ready to commit: summary.json and summary.md (each
 # part: limit, seconds, exit status; 124 = stopped at its limit), <part>.log (the printed
@@ -88,12 +89,13 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA de
   git log -1 --format='commit %H %s'; if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi"
 TESTS=(python3 -m pytest -q -s -rA -p no:cacheprovider tests/test_ssd_gpu.py)
 part tests_16bit 80 "${TESTS[@]}" -k "(float16 or bfloat16) and not dry_run"
-part kernel_bfloat16 60 python3 bench.py "${KERNEL[@]}" --dtype bfloat16 --budget-s 0 \
+part kernel_bfloat16 60 python3 experiments/bench.py "${KERNEL[@]}" --dtype bfloat16 --budget-s 0 \
   --kernel-budget-s 40 --out "$OUT/kernel_bfloat16"
-part model 135 python3 bench.py "${MODEL[@]}" --budget-s 120 --no-compile --out "$OUT/model"
+part model 135 python3 experiments/bench.py "${MODEL[@]}" --budget-s 120 --no-compile \
+  --out "$OUT/model"
 if [ $FLOAT32 = 1 ]; then
   part tests_float32 40 "${TESTS[@]}" -k "float32 and not dry_run"
-  part kernel_float32 30 python3 bench.py "${KERNEL[@]}" --dtype float32 --budget-s 0 \
+  part kernel_float32 30 python3 experiments/bench.py "${KERNEL[@]}" --dtype float32 --budget-s 0 \
     --kernel-budget-s 12 --out "$OUT/kernel_float32"
 fi
 echo "wrote $OUT: $(ls "$OUT" | tr '\n' ' ')"

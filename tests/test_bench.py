@@ -1,6 +1,6 @@
-"""Tests of bench.py: the analytic cost table against hand-computed counts; the no-cache teacher's
-tokens against the cached ones and Model.generate; the smoke run (schema, points, ratios, goals,
-decode rounds, kernel bytes, the report); a saved model folder (--model); a point in a fresh
+"""Tests of experiments/bench.py: the analytic cost table against hand-computed counts; the no-cache
+teacher's tokens against the cached ones and Model.generate; the smoke run (schema, points, ratios,
+goals, decode rounds, kernel bytes, the report); a saved model folder (--model); a point in a fresh
 process, failures, the budget, a killed run. Tiny sizes only (2 shared CPU cores).
 Run: python -m pytest -q tests/test_bench.py"""
 import dataclasses
@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-import bench
 from convert import save_model
+from experiments import bench
 from model import Model, ModelConfig, make_layers
 
 
@@ -110,7 +110,11 @@ def test_smoke_run_writes_schema_points_goals_and_report(tmp_path, capsys):
     res = bench.main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == res["summary"] and res["summary"].startswith("goals: ")
-    assert res["summary"].endswith("; 8/8 kernel timings ok")
+    kernels = ["ssd_chunked", "sdpa_causal"]
+    if os.environ.get("TRITON_INTERPRET") == "1":                  # conftest.py, without CUDA
+        kernels = ["ssd_chunked", "ssd_triton", "sdpa_causal"]
+    n = 2 * 2 * len(kernels)                                       # modes x lengths x kernels
+    assert res["summary"].endswith(f"; {n}/{n} kernel timings ok")
     table = (tmp_path / "table.txt").read_text()
     assert table.strip().splitlines()[-1] == res["summary"]
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -167,16 +171,18 @@ def test_smoke_run_writes_schema_points_goals_and_report(tmp_path, capsys):
     assert checks["linear_decode_flat"]["value"] == pytest.approx(max(relative) / min(relative) - 1)
 
     kernel = data["kernel"]
-    assert kernel["kernels"] == ["ssd_chunked", "sdpa_causal"] and kernel["modes"] == ["fwd", "fwd+bwd"]
+    assert kernel["kernels"] == kernels and kernel["modes"] == ["fwd", "fwd+bwd"]
     assert kernel["shape"] == {"H": 6, "Hkv": 2, "P": 32, "N": 32, "Q": 64, "dtype": "float32"}
-    assert len(kernel["results"]) == 2 * 2 * 2 and all(r["status"] == "ok" for r in kernel["results"])
+    assert len(kernel["results"]) == n and all(r["status"] == "ok" for r in kernel["results"])
     rows = {(r["kernel"], r["mode"], r["L"]): r for r in kernel["results"]}
     # x, B (64, Hkv 2, 32), dt (64, 6), C and y (64, 6, 32), float32; one chunk of float32 states
-    # (6, 32, 32) written, passed on (read, written) and read: 4 times; fwd+bwd 3x, 2x and 9x
+    # (6, 32, 32) written, passed on (read, written) and read: 4 times; fwd+bwd 3x, 2x and 14x
+    # (the backward: recomputed states 1 + 2, dH 1 + 2, H_in and G read by two kernels 4)
     inputs = 4 * (64 * 2 * 32 * 2 + 64 * 6 + 64 * 6 * 32)
     states = 6 * 32 * 32 * 4
-    assert rows[("ssd_chunked", "fwd", 64)]["bytes"] == inputs + 4 * 64 * 6 * 32 + 4 * states
-    assert rows[("ssd_chunked", "fwd+bwd", 64)]["bytes"] == 3 * inputs + 2 * 4 * 64 * 6 * 32 + 9 * states
+    for ssd in kernels[:-1]:
+        assert rows[(ssd, "fwd", 64)]["bytes"] == inputs + 4 * 64 * 6 * 32 + 4 * states
+        assert rows[(ssd, "fwd+bwd", 64)]["bytes"] == 3 * inputs + 2 * 4 * 64 * 6 * 32 + 14 * states
     assert rows[("sdpa_causal", "fwd", 64)]["bytes"] == 4 * 64 * 32 * (6 + 2 + 2 + 6)
     assert "Only the no-cache teacher reproduces" in table and "goal" in table and "floor" in table
     assert data["plots"] == ["model_time.png", "model_memory.png"]

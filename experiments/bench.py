@@ -15,13 +15,16 @@ HoVLE generation code does: `past_key_values = None`, hovle/modeling_internvl_ch
 https://github.com/hustvl/mmMamba/tree/85143d03b62a8f8279ef8d019dc01a94674256fb), linear, hybrid
 (n_layers // 4 attention layers); model, model-nocache: --model FOLDER (convert.load_model).
 
-Run:  python bench.py                 # tiny model, CPU, L 1K..128K: under 10 minutes
-      python bench.py --smoke         # tiny sizes, in this process: seconds (the test)
-      python bench.py --parts costs   # the analytic table only
-      python bench.py --long          # every layout once at 103,000 tokens (~35 min)
-      python bench.py --model FOLDER --parts model --lengths 1024 4096
-      python bench.py --preset hovle --parts model --lengths 32768 103000   # GPU, bf16
-Writes bench.json, table.txt, model_time.png, model_memory.png to --out.
+It measures the library (model.py, ssd.py, ssd_triton.py) and is not part of it, like ablate.py.
+
+Run (from the repository root):
+      python experiments/bench.py                 # tiny model, CPU, L 1K..128K: under 10 minutes
+      python experiments/bench.py --smoke         # tiny sizes, in this process: seconds (the test)
+      python experiments/bench.py --parts costs   # the analytic table only
+      python experiments/bench.py --long          # every layout once at 103,000 tokens (~35 min)
+      python experiments/bench.py --model FOLDER --parts model --lengths 1024 4096
+      python experiments/bench.py --preset hovle --parts model --lengths 32768 103000   # GPU, bf16
+Writes bench.json, table.txt, model_time.png, model_memory.png to --out (bench_results/...).
 Tests: python -m pytest -q tests/test_bench.py
 """
 from __future__ import annotations
@@ -42,13 +45,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convert import hovle_config, load_model
-from model import Model, ModelConfig, make_layers
-from ssd import ssd_chunked
-from utils import arg, git_commit, parse_config, run_main, write_json
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the library
+from convert import hovle_config, load_model  # noqa: E402
+from model import Model, ModelConfig, make_layers  # noqa: E402
+from ssd import ssd_chunked  # noqa: E402
+from utils import arg, git_commit, parse_config, run_main, write_json  # noqa: E402
 
 try:
-    from ssd_triton import ssd_triton
+    from ssd_triton import ssd_triton  # noqa: E402
 except ImportError:                                     # pragma: no cover
     ssd_triton = None
 
@@ -414,8 +418,8 @@ def run_point_subprocess(spec: dict, timeout_s: float) -> dict:
     for extra, env in (({}, {}), ({"memory": True}, mapped)):
         cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps({**spec, **extra})]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(cmd[1]),
-                               env={**os.environ, **env}, timeout=max(1.0, deadline - time.time()))
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env},
+                               timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
         lines = [line for line in r.stdout.splitlines() if line.startswith(TAG)]
@@ -564,8 +568,10 @@ def kernel_inputs(b: int, L: int, mc: ModelConfig, c: BenchConfig) -> dict:
 def kernel_bytes(t: dict, reads: tuple, mode: str, Q: int) -> int:
     """The traffic floor's bytes: the inputs read, y (b, L, H, P) written and, for the SSD, the
     float32 chunk states S (b, L / Q, H, P, N) written (step 2), read and rewritten (step 3), read
-    (step 4): 4 S. fwd+bwd: 3x the inputs, 2x y, 9 S (the backward's adjoint states written,
-    passed on, read with the saved ones)."""
+    (step 4): 4 S. fwd+bwd: 3x the inputs, 2x y, 14 S: the forward's 4 and the backward's 10, which
+    recomputes the states (step 2 writes S: 1; step 3 reads and rewrites it: 2), writes the adjoint
+    of step 4, dH (1), passes it back (reads and rewrites it: 2), and reads the entering states H_in
+    and their gradients G in both backward kernels (4)."""
     read = sum(t[k].numel() * t[k].element_size() for k in reads)
     written = t["C"].numel() * t["x"].element_size()
     b, L, H, P = t["C"].shape
@@ -574,18 +580,19 @@ def kernel_bytes(t: dict, reads: tuple, mode: str, Q: int) -> int:
         S = b * math.ceil(L / Q) * H * P * P * 4
     if mode == "fwd":
         return read + written + 4 * S
-    return 3 * read + 2 * written + 9 * S
+    return 3 * read + 2 * written + 14 * S
 
 
 def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
-    """ssd_chunked (and ssd_triton on CUDA) against causal SDPA, for every batch, length and mode:
-    the median ms of the forward or of forward and backward of sum(y); floor_ms: kernel_bytes at
-    the copy bandwidth. A call predicted (x (L / L0)^2 from the last length) to pass the
-    deadline is skipped."""
+    """ssd_chunked (and ssd_triton on CUDA or in Triton's interpreter) against causal SDPA, for
+    every batch, length and mode: the median ms of the forward or of forward and backward of
+    sum(y); floor_ms: kernel_bytes at the copy bandwidth. A call predicted (x (L / L0)^2 from the
+    last length) to pass the deadline is skipped."""
     device = torch.device(c.device)
     mc = model_config(c, "linear")
     ssds = {"ssd_chunked": ssd_chunked}
-    if device.type == "cuda" and ssd_triton is not None:
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"      # gpu_check.sh --dry-run
+    if (device.type == "cuda" or interpreted) and ssd_triton is not None:
         ssds["ssd_triton"] = ssd_triton
     modes = ["fwd", "fwd+bwd"]
     src = torch.ones(1 << 26, device=device)
@@ -613,8 +620,9 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
             if s0 is not None and time.time() + s0 * (L / L0) ** 2 * (c.repeats + 1) < deadline:
                 try:
                     with torch.set_grad_enabled(mode != "fwd"):
-                        if device.type == "cuda" or (name, mode, b) not in last:
-                            call()                      # warm-up
+                        warm_up = device.type == "cuda" or (name, mode, b) not in last
+                        if warm_up and not (interpreted and name == "ssd_triton"):   # nothing to compile
+                            call()
                         ms = 1e3 * statistics.median(timeit(call, device, c.repeats, c.point_budget_s))
                     nbytes = kernel_bytes(t, reads, mode, mc.ssd_chunk_size)
                     row = {**row, "status": "ok", "ms": ms, "bytes": nbytes, "gb_s": nbytes / ms / 1e6,
