@@ -137,7 +137,11 @@ def evaluate_folder(folder: str, eval_data: str = "", per_category: int = 50) ->
     """distill.py --eval: the accuracy table of any checkpoint folder on the synthetic test split
     (per_category questions of each category) or on a JSONL; writes the predictions beside the
     references to runs/eval/<name>.json, the name made of the folder's last three path parts
-    (runs/linear/stage3/model -> linear_stage3_model) and the JSONL's (@file)."""
+    (runs/linear/stage3/model -> linear_stage3_model) and the JSONL's (@file). A HoVLE / mmMamba
+    folder (its own tokenizer.model) is an error: data.py's questions need data.py's tokenizer."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        raise InputError(f"{folder}: a HoVLE / mmMamba folder (tokenizer.model) cannot be scored with "
+                         f"data.py's tokenizer; ask it: python ask.py {folder} IMAGE QUESTION")
     model = load_model(folder).float()
     parts = os.path.normpath(folder).split(os.sep)[-3:]
     name = "_".join(p for p in parts if p not in ("runs", "..", ""))

@@ -1,5 +1,6 @@
 """The released mmMamba students (issue 28): convert.py reads and writes the official layout, hovle.py
-tokenizes, tiles and templates as HoVLE's code, ask.py answers with a released-layout folder.
+tokenizes, tiles and templates as HoVLE's code, ask.py answers with a released-layout folder
+(distill.py --eval points to ask.py).
 
 The folders are written by tests/checkpoints.py from the official rules (convert_weight.py,
 Mamba2_Attention.change_weight), never by convert.py. The reference forward below is the official
@@ -23,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 import ask
 import convert
+import distill
+import evaluate
 import hovle
 from checkpoints import MMMAMBA_AUTO_MAP, MMMAMBA_LLM_AUTO_MAP, write_tiny_hovle, write_tiny_tokenizer
 from convert import CheckpointError
@@ -446,3 +449,20 @@ def test_ask_released_folder_errors(folders, tmp_path):
         ask.main([str(d), str(tmp_path / "ok.png"), "q?"])
     with pytest.raises(InputError, match=r"missing\.png: no such image file"):
         ask.main([folders["linear"], str(tmp_path / "missing.png"), "q?"])
+
+
+def test_eval_of_a_released_folder_is_one_line(folders, monkeypatch, capsys):
+    """distill.py --eval FOLDER with HoVLE's tokenizer: one line naming the folder and ask.py, before
+    any weights are read."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were read")
+    monkeypatch.setattr(evaluate, "load_model", no_load)
+    for name in ("linear", "hybrid"):
+        monkeypatch.setattr(sys, "argv", ["distill.py", "--eval", folders[name]])
+        with pytest.raises(SystemExit) as e:
+            run_main(distill.main)
+        err = capsys.readouterr().err
+        assert e.value.code == 1
+        assert err == (f"error: {folders[name]}: a HoVLE / mmMamba folder (tokenizer.model) cannot be "
+                       f"scored with data.py's tokenizer; ask it: python ask.py {folders[name]} IMAGE "
+                       "QUESTION\n")
