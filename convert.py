@@ -5,14 +5,7 @@ Paper map (mmMamba, arXiv 2502.13145): Sec. 3.1 / 4.1 distil HoVLE-2.6B (8 holis
 + InternLM2-1.8B) into Mamba-2 (mmMamba-linear) or a hybrid keeping some attention layers
 (mmMamba-hybrid, Table 6). `load_model` reads the teacher and the released students as published,
 so that distill.py, ask.py and experiments/bench.py take them; `save_mmmamba` writes a student as
-the official conversion does.
-
-API
-    load_model(dir, dtype=None, device="cpu") -> Model       any supported folder
-    detect_format(dir) -> "native" | "hovle" | "mmmamba"
-    save_model(model, dir)                                   ours: config.json, model.safetensors
-    save_mmmamba(model, dir, like, dtype=torch.bfloat16)     the released layout
-    hovle_config(layers=None, **overrides)                   HoVLE-2.6B's shapes (the paper's teacher)
+the official conversion does, `save_model` in our format; `hovle_config` is HoVLE-2.6B's shapes.
 A folder holds config.json and model.safetensors, or model.safetensors.index.json and its shards.
 Tensors keep their stored dtype unless `dtype`. Errors are `CheckpointError` (a ValueError), one
 line naming the file and the key. No q/k rows are permuted: model.rope is rotate-half, as stored.
@@ -113,13 +106,12 @@ COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.
                 "added_tokens.json", "generation_config.json")
 
 
-def hovle_config(layers: list | None = None, **overrides) -> ModelConfig:
+def hovle_config(layers: list | None = None) -> ModelConfig:
     """HoVLE-2.6B, the paper's teacher: 8 holistic-embedding + 24 InternLM2-1.8B layers, as its
     config.json gives them. 92546 is <IMG_CONTEXT> in the InternVL2 / InternLM2 tokenizer."""
-    shapes = dict(vocab_size=92553, hidden_size=2048, intermediate_size=8192, n_heads=16,
-                  n_kv_heads=8, layers=layers or ["attn"] * 32, rope_theta=1e6, image_size=448,
-                  patch_size=14, img_context_id=92546)
-    return ModelConfig(**{**shapes, **overrides})
+    return ModelConfig(vocab_size=92553, hidden_size=2048, intermediate_size=8192, n_heads=16,
+                       n_kv_heads=8, layers=layers or ["attn"] * 32, rope_theta=1e6, image_size=448,
+                       patch_size=14, img_context_id=92546)
 
 
 def split_wqkv(w: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
@@ -247,11 +239,10 @@ class _Config:
                 raise CheckpointError(f"{self.path}: key '{key}' = {v!r} is not supported ({why})")
 
 
-def _decoder(c: _Config, prefix: str, bias_key: str) -> dict:
-    """The SHAPE_KEYS and num_hidden_layers of either half of HoVLE (InternLM2's keys), checked."""
-    c.supported((prefix + bias_key, False, "model.py's attention has no biases"),
-                (prefix + "mlp_bias", False, "model.py's MLP has no biases"),
-                (prefix + "hidden_act", "silu", "model.py's MLP is SwiGLU with SiLU"),
+def _decoder(c: _Config, prefix: str) -> dict:
+    """The SHAPE_KEYS and num_hidden_layers of either half of HoVLE (InternLM2's keys), checked; a
+    bias, layer scale or tied head has tensors that load_model finds no place for."""
+    c.supported((prefix + "hidden_act", "silu", "model.py's MLP is SwiGLU with SiLU"),
                 (prefix + "rope_scaling", None, "model.rope has no scaling"))
     keys = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
     out = {k: c.number(prefix + k) for k in keys}
@@ -288,14 +279,10 @@ def _hovle_config(c: _Config, fmt: str) -> ModelConfig:
     """HoVLE's or mmMamba's config.json as a ModelConfig; both halves must share every shape."""
     e = "embedding_config."
     l = "llm_config."
-    c.supported((e + "use_pixel_shuffle_proj", True, "model.py's vision stem always has the shuffle MLP"),
-                (e + "pixel_shuffle_loc", "pre", "model.py shuffles the patches before the layers"),
-                (e + "use_ls", False, "model.py has no layer scale"),
-                (e + "num_channels", 3, "model.py's patch conv takes RGB"),
-                (e + "special_token_maps", {}, "no embeddings beyond the LLM vocabulary"),
-                (l + "tie_word_embeddings", False, "HoVLE's LM head is language_model.output"))
-    ce = _decoder(c, e, "attention_bias")
-    cl = _decoder(c, l, "bias")
+    c.supported((e + "pixel_shuffle_loc", "pre", "model.py shuffles the patches before the layers"),
+                (e + "special_token_maps", {}, "no embeddings beyond the LLM vocabulary"))
+    ce = _decoder(c, e)
+    cl = _decoder(c, l)
     vocab = c.number(l + "vocab_size")
     size = c.number(e + "image_size")
     D = ce["hidden_size"]
@@ -338,27 +325,23 @@ def detect_format(directory: str) -> str:
     return fmt
 
 
-def _layer(t: _Tensors, cfg: ModelConfig, own: dict, i: int, prefix: str) -> dict:
-    """Layer i's weights under our keys, from theirs under `prefix`; `own`: our state dict (shapes)."""
-    names, fused, parts = _layer_names(cfg.layers[i])
-    ours = f"layers.{i}."
-    state = t.take(own, {ours + k: prefix + v for k, v in names.items()})
-    rows = [own[f"{ours}mixer.{p}.weight"].shape[0] for p in parts]
-    w = t.get(prefix + fused, (sum(rows), cfg.hidden_size))
-    if fused.endswith("wqkv.weight"):
-        pieces = split_wqkv(w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
-    else:
-        pieces = [x.clone() for x in w.split(rows)]
-    state.update({f"{ours}mixer.{p}.weight": x for p, x in zip(parts, pieces)})
-    return state
-
-
 def _state(t: _Tensors, cfg: ModelConfig, c: _Config, own: dict) -> dict:
-    """Our tensors from HoVLE's or mmMamba's: the embedding model's layers, the LLM's, the rest."""
+    """Our tensors from HoVLE's or mmMamba's: the embedding model's layers, the LLM's, the rest;
+    `own`: our state dict (the shapes)."""
     n_embed = c.get("embedding_config.num_hidden_layers")
     state = {}
     for i in range(cfg.n_layers):
-        state.update(_layer(t, cfg, own, i, _prefix(i, n_embed)))
+        names, fused, parts = _layer_names(cfg.layers[i])
+        prefix = _prefix(i, n_embed)
+        ours = f"layers.{i}."
+        state.update(t.take(own, {ours + k: prefix + v for k, v in names.items()}))
+        rows = [own[f"{ours}mixer.{p}.weight"].shape[0] for p in parts]
+        w = t.get(prefix + fused, (sum(rows), cfg.hidden_size))
+        if fused.endswith("wqkv.weight"):
+            pieces = split_wqkv(w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        else:
+            pieces = [x.clone() for x in w.split(rows)]
+        state.update({f"{ours}mixer.{p}.weight": x for p, x in zip(parts, pieces)})
     g2 = cfg.grid ** 2
     pos = t.get(POSITIONS, (1, 1 + g2, cfg.hidden_size), (1, g2, cfg.hidden_size))
     state["vision.position_embedding"] = pos[:, -g2:].clone()    # without the class token's slot
@@ -525,12 +508,9 @@ def main(argv=None) -> None:
         save_mmmamba(model, args.out, args.like, getattr(torch, args.dtype or "bfloat16"))
     elif args.out:
         save_model(model, args.out)
-    c = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
-    line = (f"{args.src}: {detect_format(args.src)}, {n_params:,} parameters, {c.n_layers} layers "
-            f"({c.layers.count('attn')} attention), hidden {c.hidden_size}, {c.n_heads} heads / "
-            f"{c.n_kv_heads} KV heads, vocab {c.vocab_size}, {c.image_size} px / {c.patch_size} px "
-            f"patches -> {c.image_tokens} image tokens")
+    line = (f"{args.src}: {detect_format(args.src)}, {n_params:,} parameters, {model.cfg.n_layers} "
+            f"layers ({model.cfg.layers.count('attn')} attention)")
     if args.out:
         line += f"; wrote {args.out}"
     print(line)

@@ -42,8 +42,7 @@ Chat template (HoVLE's InternLM2 format; the answers and their <|im_end|> are tr
 A question's "<image>" tags become <img><IMG_CONTEXT> x 64</img> in place; without tags the
 images come first, each followed by "\\n".
 
-Run:  python data.py                                               # preview, vocabulary, chance
-      python data.py --out data/test --n 1400 --seed 0 --split test  # write a test set
+Run:  python data.py --out data/test --n 1400 --seed 0 --split test  # write a test set
       python data.py --out data/multi --n 20 --images 4             # 4 images per prompt
 """
 from __future__ import annotations
@@ -89,12 +88,10 @@ IGNORE_INDEX = -100  # "unknown" in batched cells and labels (torch cross_entrop
 
 
 def object_class(shape: int, color: int) -> int:
-    """Cell class of an object with shape index `shape` and colour index `color`."""
     return 1 + shape * len(COLORS) + color
 
 
 def glyph_class(ch: str) -> int:
-    """Cell class of glyph character `ch`."""
     return 1 + N_OBJECT_CLASSES + GLYPHS.index(ch)
 
 
@@ -248,10 +245,6 @@ def _random_word(rng: random.Random, cfg: DataConfig) -> str:
     return "".join(rng.choice(GLYPHS) for _ in range(length))
 
 
-def _distinct(rng: random.Random, n_items: int, k: int) -> list[int]:
-    return rng.sample(range(n_items), k)
-
-
 def _yes_no(flag: bool) -> str:
     return ("no", "yes")[flag]
 
@@ -278,11 +271,11 @@ def _gen_count(rng, cfg):
     n = rng.randint(0, cfg.max_count)
     if rng.random() < 0.5:  # count a shape, in distinct colours
         s = rng.randrange(len(SHAPES))
-        required = [(s, c) for c in _distinct(rng, len(COLORS), n)]
+        required = [(s, c) for c in rng.sample(range(len(COLORS)), n)]
         cells = _scene(rng, cfg, required, no_shapes=(s,))
         return cells, f"How many {PLURALS[s]} are there?", str(n)
     c = rng.randrange(len(COLORS))  # count a colour, on distinct shapes
-    required = [(s, c) for s in _distinct(rng, len(SHAPES), n)]
+    required = [(s, c) for s in rng.sample(range(len(SHAPES)), n)]
     cells = _scene(rng, cfg, required, no_colors=(c,))
     return cells, f"How many {COLOR_NAMES[c]} objects are there?", str(n)
 
@@ -313,12 +306,12 @@ def _gen_position(rng, cfg):
     yes = rng.random() < 0.5
     by_shape = rng.random() < 0.5
     if by_shape:
-        sa, sb = _distinct(rng, len(SHAPES), 2)
+        sa, sb = rng.sample(range(len(SHAPES)), 2)
         a = (sa, rng.randrange(len(COLORS)))
         b = (sb, rng.randrange(len(COLORS)))
         banned = {"no_shapes": (sa, sb)}
     else:
-        ca, cb = _distinct(rng, len(COLORS), 2)
+        ca, cb = rng.sample(range(len(COLORS)), 2)
         a = (rng.randrange(len(SHAPES)), ca)
         b = (rng.randrange(len(SHAPES)), cb)
         banned = {"no_colors": (ca, cb)}
@@ -351,14 +344,14 @@ def _gen_reason(rng, cfg):
     if not yes:
         counts.reverse()
     if rng.random() < 0.5:  # compare two shapes
-        s1, s2 = _distinct(rng, len(SHAPES), 2)
-        colors = [_distinct(rng, len(COLORS), n) for n in counts]
+        s1, s2 = rng.sample(range(len(SHAPES)), 2)
+        colors = [rng.sample(range(len(COLORS)), n) for n in counts]
         required = [(s1, c) for c in colors[0]] + [(s2, c) for c in colors[1]]
         cells = _scene(rng, cfg, required, no_shapes=(s1, s2))
         question = f"Are there more {PLURALS[s1]} than {PLURALS[s2]}?"
     else:  # compare two colours
-        c1, c2 = _distinct(rng, len(COLORS), 2)
-        shapes = [_distinct(rng, len(SHAPES), n) for n in counts]
+        c1, c2 = rng.sample(range(len(COLORS)), 2)
+        shapes = [rng.sample(range(len(SHAPES)), n) for n in counts]
         required = [(s, c1) for s in shapes[0]] + [(s, c2) for s in shapes[1]]
         cells = _scene(rng, cfg, required, no_colors=(c1, c2))
         question = f"Are there more {COLOR_NAMES[c1]} objects than {COLOR_NAMES[c2]} objects?"
@@ -447,10 +440,10 @@ class DataError(InputError):
 
 
 def write_dataset(out: str | Path, n: int, seed: int = 0, split: str = "train",
-                  cfg: DataConfig | None = None, n_images: int = 1) -> Path:
+                  n_images: int = 1) -> Path:
     """Write samples 0..n-1 of (split, seed) as out/data.jsonl plus out/images/*.png; with
     n_images > 1 the multi-image stream."""
-    cfg = cfg or DataConfig()
+    cfg = DataConfig()
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     with open(out / "data.jsonl", "w") as f:
@@ -716,8 +709,6 @@ def score(generate, samples: Sequence[Sample], batch_size: int = 32,
     tokens (b, T'), each row cut at its first eos_id. Prompts are batched by equal length (no
     padding). Returns {"accuracy": {category: acc}, "n": {category: count}, "mean": macro mean,
     "predictions": [str]}."""
-    if not samples:
-        raise ValueError("no samples to score")
     tok = TOKENIZER
     if max_new_tokens is None:
         max_new_tokens = max(len(tok.encode(s.answer)) for s in samples) + 1
@@ -769,9 +760,8 @@ def format_table(results: dict, chance: dict[str, float] = CHANCE) -> str:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = argparse.ArgumentParser(description="Write (or preview) the benchmark as LLaVA-style "
-                                            "JSONL and PNGs.")
-    p.add_argument("--out", help="folder for data.jsonl and images/ (default: print a preview)")
+    p = argparse.ArgumentParser(description="Write the benchmark as LLaVA-style JSONL and PNGs.")
+    p.add_argument("--out", required=True, help="folder for data.jsonl and images/")
     p.add_argument("--n", type=int, default=1400, help="number of samples (categories round-robin)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--split", choices=("train", "test"), default="train", help="disjoint streams")
@@ -781,19 +771,8 @@ def main(argv: Sequence[str] | None = None):
         raise InputError(f"--n {args.n}: must be at least 1")
     if args.images < 1:
         raise InputError(f"--images {args.images}: must be at least 1")
-    if args.out:
-        path = write_dataset(args.out, args.n, args.seed, args.split, n_images=args.images)
-        print(f"wrote {args.n} samples to {path}")
-        return
-    cfg = DataConfig()
-    for i in range(14):
-        s = sample_at(cfg, args.split, args.seed, i)
-        print(f"{s.category:<9} {s.question:<70} -> {s.answer}")
-    for i in range(2):
-        s = multi_sample_at(cfg, args.split, args.seed, i, 3)
-        print(f"{s.category:<9} {s.question.splitlines()[-1]:<70} -> {s.answer} (3 images)")
-    chances = ", ".join(f"{c} {100 * v:.1f}%" for c, v in CHANCE.items())
-    print(f"vocabulary {VOCAB_SIZE}; chance: {chances}")
+    path = write_dataset(args.out, args.n, args.seed, args.split, n_images=args.images)
+    print(f"wrote {args.n} samples to {path}")
 
 
 if __name__ == "__main__":

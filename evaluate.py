@@ -32,7 +32,6 @@ def test_samples(n_per_category: int) -> list:
     return [data.sample_at(data.DataConfig(), "test", 0, i) for i in range(n)]
 
 
-@torch.no_grad()
 def evaluate(model: Model, samples: list, progress: bool = False, batch_size: int = 64) -> dict:
     """Greedy generation, exact match, accuracy per category: data.score's dict, with the
     predictions. Prompts of equal length go batch_size at a time."""

@@ -1,12 +1,8 @@
 """What a HoVLE or mmMamba folder needs to answer a question: its tokenizer, image tiles and chat
 template. Not part of the paper's method: the released models (Sec. 4.1: HoVLE-2.6B, mmMamba-linear,
-mmMamba-hybrid) take their input this way, and ask.py needs it to ask them anything.
-
-    Tokenizer(dir)          InternLM2's SentencePiece tokenizer.model (through `sentencepiece`, the
-                            library that file format was made for) plus the folder's added tokens
-    tiles(image, S, n)      InternVL's dynamic preprocessing: S-pixel tiles on the grid whose aspect
-                            ratio is nearest the image's, then a thumbnail; ImageNet normalisation
-    chat_prompt(q, n)       HoVLE's "internlm2-chat" template, the image as <img>, n <IMG_CONTEXT>, </img>
+mmMamba-hybrid) take their input this way, and ask.py needs it to ask them anything: `Tokenizer`
+(InternLM2's SentencePiece tokenizer.model, through `sentencepiece`, the library made for that
+format), `tiles` (InternVL's dynamic preprocessing), `chat_prompt` (the "internlm2-chat" template).
 Official code, REPO = https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb:
 the tokenizer REPO/internvl/model/internlm2/tokenization_internlm2.py#L34-L186, the tiles
 REPO/eval/mmMamba.py#L26-L104 (as docs/usage.md), the prompt REPO/hovle/modeling_internvl_chat.py#L349-L406
@@ -17,7 +13,6 @@ Tests: python -m pytest -q tests/test_released.py
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -26,7 +21,7 @@ import sentencepiece
 import torch
 from PIL import Image
 
-from utils import InputError
+from utils import InputError, read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,11 +103,7 @@ def _read(path: str) -> dict:
     """A JSON object, or {} if the file is absent."""
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable JSON file ({e})") from e
+    return read_json(path)
 
 
 def grid(width: int, height: int, size: int, max_tiles: int) -> tuple:

@@ -2,22 +2,13 @@
 
 mmMamba (arXiv 2502.13145, Sec. 3.1) runs the Mamba-2 SSD through mamba_ssm's
 `mamba_chunk_scan_combined` (https://github.com/hustvl/mmMamba/blob/
-85143d01b62a8f8279ef8d019dc01a94674256fb/src/model/linear_attention/mamba2.py#L639-L652). ssd.py
-defines the operator, the letters (b L H P N Q c; x dt A B C D; head h reads x head h // (H/Hx),
-B group h // (H/G), C group h // (H/Gc)) and the chunked steps (1 diagonal blocks, 2 chunk states,
-3 state passing, 4 state to output); `ssd_triton` has ssd_chunked's signature. Every kernel
-recomputes cs, the cumulative log decay inside a chunk, from dt and A. Grids (b*H, c, P tiles):
-  _chunk_states_kernel    step 2: S_k = sum_j exp(cs_last - cs_j) dt_j x_j B_j^T (b, c, H, P, N)
-                          float32; TRANSPOSE: step 4's adjoint, dH_k = sum_i exp(cs_i) dy_i C_i^T
-  _pass_states_kernel     step 3, grid (b*H, P*N tiles), sequential over chunks: H_{k+1} =
-                          exp(cs_last_k) H_k + S_k, the state entering each chunk written over S;
-                          REVERSE: its adjoint, G_{k-1} = dH_k + exp(cs_last_k) G_k from d(final)
-  _chunk_outputs_kernel   steps 1 + 4: y_i = sum_{j<=i} (C_i.B_j) exp(cs_i - cs_j) dt_j x_j
-                          + exp(cs_i) H_k C_i + D x_i (b, L, H, P) in x's dtype
-  _chunk_bwd_kernel       the adjoints of 1, 2, 4 given dy, H_k and G_k (the gradient of the state
-                          leaving chunk k): dx, and the P tile's part of d(dt), d(cs), dD
-  _chunk_bwd_dBdC_kernel  grid (b*H, c, N tiles): dB, dC; d(a) = reverse cumsum of d(cs) inside
-                          the chunk, d(dt) += d(a) A, dA = sum d(a) dt
+85143d03b62a8f8279ef8d019dc01a94674256fb/src/model/linear_attention/mamba2.py#L639-L652). ssd.py
+defines the operator, its letters and the chunked steps 1-4; `ssd_triton` has ssd_chunked's
+signature. One kernel per step, its docstring the step's equation: _chunk_states_kernel (2;
+TRANSPOSE: the adjoint of 4), _pass_states_kernel (3; REVERSE: its adjoint), _chunk_outputs_kernel
+(1 + 4), _chunk_bwd_kernel and _chunk_bwd_dBdC_kernel (the adjoints of 1, 2, 4). Grids: (b*H, c,
+P tiles) per chunk, (b*H, P*N tiles) for step 3. Every kernel recomputes cs, the cumulative log
+decay inside a chunk, from dt and A.
 The backward recomputes steps 2 and 3 rather than saving the states entering the chunks (2.15 GB
 per layer at 128K tokens of HoVLE's shape), as mamba_ssm v2.2.4 does (the official code's version):
 https://github.com/state-spaces/mamba/blob/95d8aba8a8c75aedcaa6143713b11e745e7cd0d9/mamba_ssm/ops/
@@ -31,7 +22,7 @@ place); L need not be a multiple of Q (the tail is masked, dt = 0 there); Q is r
 power of two >= 16. Sums over P tiles are float32 atomic adds (run-to-run rounding differences).
 Tiles and warps per kernel and GPU: TILES. Anchors: mamba_ssm's ssd_chunk_state.py,
 ssd_state_passing.py, ssd_chunk_scan.py at that commit; fla's chunk_simple_gla as vendored in the
-official repo, https://github.com/hustvl/mmMamba/blob/85143d01b62a8f8279ef8d019dc01a94674256fb/
+official repo, https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/
 fla/ops/simple_gla/chunk.py
 
 Tests: python -m pytest -q tests/test_ssd_triton.py (every step, outputs and gradients, float32,
@@ -83,30 +74,23 @@ def _dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_decay(dt_ptr, A_ptr, bi, hi, k, L, s_b, s_l, s_h, Q: tl.constexpr):
-    """Chunk k of (batch bi, head hi): token indices t (Q,), their mask, dt (Q,) (0 past L) and the
-    cumulative log decay cs (Q,) inside the chunk, float32, and cs_last (scalar)."""
-    t = k * Q + tl.arange(0, Q)                                                   # (Q,) int64
-    mask_t = t < L
-    dt = tl.load(dt_ptr + bi * s_b + t * s_l + hi * s_h, mask=mask_t, other=0.0)
-    dt = dt.to(tl.float32)                                                        # (Q,)
-    cs = tl.cumsum(dt * tl.load(A_ptr + hi).to(tl.float32), axis=0)             # (Q,)
-    cs_last = tl.sum(tl.where(tl.arange(0, Q) == Q - 1, cs, 0.0), axis=0)         # scalar
-    return t, mask_t, dt, cs, cs_last
-
-
-@triton.jit
 def _program(dt_ptr, A_ptr, H, L, sdt_b, sdt_l, sdt_h,
              Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """A per-chunk program's (batch bi, head hi, chunk k) from its grid (b*H, c, P tiles), int64
-    (offsets pass 2^31 at long L), its chunk's tokens, dt and decays (_chunk_decay), the offsets of
-    its tile of the grid's third axis (BLOCK_P) and arange(BLOCK_N)."""
+    (offsets pass 2^31 at long L); its chunk's token indices t (Q,), their mask, dt (Q,) (0 past L),
+    the cumulative log decay cs (Q,) inside the chunk and cs_last, float32; the offsets of its tile
+    of the grid's third axis (BLOCK_P) and arange(BLOCK_N)."""
     bh = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64)
     pp = tl.program_id(2).to(tl.int64)
     bi = bh // H
     hi = bh % H
-    t, mask_t, dt, cs, cs_last = _chunk_decay(dt_ptr, A_ptr, bi, hi, k, L, sdt_b, sdt_l, sdt_h, Q)
+    t = k * Q + tl.arange(0, Q)                                                   # (Q,) int64
+    mask_t = t < L
+    dt = tl.load(dt_ptr + bi * sdt_b + t * sdt_l + hi * sdt_h, mask=mask_t, other=0.0)
+    dt = dt.to(tl.float32)                                                        # (Q,)
+    cs = tl.cumsum(dt * tl.load(A_ptr + hi).to(tl.float32), axis=0)             # (Q,)
+    cs_last = tl.sum(tl.where(tl.arange(0, Q) == Q - 1, cs, 0.0), axis=0)         # scalar
     offs_p = pp * BLOCK_P + tl.arange(0, BLOCK_P)
     return bi, hi, k, t, mask_t, dt, cs, cs_last, offs_p, tl.arange(0, BLOCK_N)
 

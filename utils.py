@@ -47,7 +47,7 @@ def write_json(path: str, obj) -> None:
 def read_json(path: str) -> dict:
     """A JSON object from `path`; InputError naming the file if it is missing, invalid or not an object."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from e
