@@ -124,10 +124,6 @@ class DataConfig:
     categories: tuple[str, ...] = CATEGORIES  # categories to draw, in round-robin order
     max_images: int = 8  # the training mix's multi-image prompts hold 1 .. max_images images
 
-    @property
-    def n_cells(self) -> int:
-        return self.grid * self.grid
-
 
 # A uniform guess, DataConfig().
 CHANCE = {"exist": 0.5, "count": 1 / 5, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES),
@@ -222,7 +218,7 @@ def _scene(rng: random.Random, cfg: DataConfig, required: list, no_shapes=(), no
     """Cells holding the (shape, colour) objects `required`, random other objects of none of the
     shapes `no_shapes` and colours `no_colors`, and optionally the word `text`; every object is a
     distinct (shape, colour) pair."""
-    cells = [0] * cfg.n_cells
+    cells = [0] * (cfg.grid * cfg.grid)
     if text is None and rng.random() < cfg.text_prob:
         text = _random_word(rng, cfg)
     if text:
@@ -234,7 +230,7 @@ def _scene(rng: random.Random, cfg: DataConfig, required: list, no_shapes=(), no
             if (s, c) not in required and s not in no_shapes and c not in no_colors]
     total = max(len(required), rng.randint(cfg.min_objects, cfg.max_objects))
     objects = list(required) + rng.sample(pool, min(len(pool), total - len(required)))
-    free = [i for i in range(cfg.n_cells) if cells[i] == 0]
+    free = [i for i in range(len(cells)) if cells[i] == 0]
     for (s, c), i in zip(objects, rng.sample(free, len(objects))):
         cells[i] = object_class(s, c)
     return cells
@@ -624,8 +620,7 @@ IMG_CONTEXT_ID = TOKENIZER.img_context_id
 # Chat template and batching
 
 def _user_ids(question: str, n_images: int, n_image_tokens: int) -> list[int]:
-    """The first question's ids with its images: each "<image>" tag becomes the image's tokens in
-    place; without tags, the images come first, each followed by "\\n"."""
+    """The first question's ids: each "<image>" tag becomes an image, else the images come first."""
     tok = TOKENIZER
     image = [tok.img_start_id] + [tok.img_context_id] * n_image_tokens + [tok.img_end_id]
     if "<image>" not in question:
@@ -709,6 +704,8 @@ def score(generate, samples: Sequence[Sample], batch_size: int = 32,
     tokens (b, T'), each row cut at its first eos_id. Prompts are batched by equal length (no
     padding). Returns {"accuracy": {category: acc}, "n": {category: count}, "mean": macro mean,
     "predictions": [str]}."""
+    if not samples:
+        raise ValueError("no samples to score")
     tok = TOKENIZER
     if max_new_tokens is None:
         max_new_tokens = max(len(tok.encode(s.answer)) for s in samples) + 1

@@ -2,15 +2,11 @@
 
 Not the paper's method but how its results are read. The paper scores students on VLM benchmarks
 (POPE, MME, TextVQA, ...); here the synthetic test split of data.py stands in for them, one
-category per benchmark, scored by greedy generation and exact match (data.score). Per-layer
-fidelity compares each student mixer with the teacher's attention on the teacher's hidden states
-(what stages 1-2 train). A stage of distill.py ends with both (`stage_report`).
+category per benchmark, scored by greedy generation and exact match (data.score). A stage of
+distill.py ends with it and with each mixer's fidelity to the teacher's attention (`stage_report`).
 
-Run:
-    python distill.py --eval checkpoints/teacher --eval-per-category 200   # the --eval mode is here
-    python distill.py --eval runs/linear/stage3/model --eval-data my_test.jsonl   # any LLaVA JSONL
-    python experiments/seed_fidelity.py       # per-layer fidelity of freshly seeded students, per mode
-
+Run:  python distill.py --eval checkpoints/teacher --eval-per-category 200   # the --eval mode
+      python distill.py --eval runs/linear/stage3/model --eval-data my_test.jsonl  # any LLaVA JSONL
 Tests: python -m pytest -q tests/test_evaluate.py tests/test_distill.py
 """
 from __future__ import annotations
@@ -109,8 +105,6 @@ def stage_report(summary: dict) -> str:
 def plot_fidelity(out: str, summaries: list) -> str:
     """fidelity.png: per layer, the cosine and relative error of each mixer against the teacher's
     attention, for the seeded student and after each stage."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     curves = [("seeded", summaries[0]["fidelity_before"])]
     curves += [(f"stage {s['stage']}", s["fidelity"]) for s in summaries]
@@ -120,7 +114,6 @@ def plot_fidelity(out: str, summaries: list) -> str:
             a.plot([r["layer"] for r in rows], [r[key] for r in rows], "o-", label=name)
     for a, key in zip(ax, ("cosine to the teacher's attention", "relative error")):
         a.set(xlabel="layer", ylabel=key, title=f"per-layer fidelity: {key}")
-        a.grid(alpha=0.3)
         a.legend(fontsize=8)
     kept = summaries[-1]["layers"].count("attn")
     fig.suptitle(f"{out}: mixer outputs before W_O, teacher forcing, {kept} attention layers kept",

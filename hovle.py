@@ -48,12 +48,10 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise InputError(f"{path}: not a SentencePiece model ({e})") from e
         self.specials = {}                                   # text -> id
-        for name, tokens in _special_tokens(directory):
+        for tokens in _special_tokens(directory):
             for text, i in tokens.items():
                 if i is None:                                # special_tokens_map.json: by name
                     i = self.specials.get(text, self.sp.piece_to_id(text))
-                if i == self.sp.unk_id() and text != self.sp.id_to_piece(i):
-                    raise InputError(f"{os.path.join(directory, name)}: token {text!r} has no id")
                 self.specials[text] = int(i)
         for text in CHAT_TOKENS:                             # listed, or SentencePiece pieces
             if text not in self.specials and self.sp.piece_to_id(text) == self.sp.unk_id():
@@ -83,20 +81,15 @@ class Tokenizer:
 
 
 def _special_tokens(directory: str) -> list:
-    """[(file, {text: id or None})] of the files a transformers tokenizer folder lists tokens in."""
-    out = []
-    path = os.path.join(directory, "added_tokens.json")
-    if os.path.isfile(path):
-        out.append(("added_tokens.json", dict(_read(path))))
+    """{text: id or None} from each file a transformers tokenizer folder lists tokens in."""
+    added = _read(os.path.join(directory, "added_tokens.json"))
     config = _read(os.path.join(directory, "tokenizer_config.json"))
     decoder = config.get("added_tokens_decoder", {})
-    out.append(("tokenizer_config.json", {v["content"]: int(k) for k, v in decoder.items()}))
     tokens = []
     for value in _read(os.path.join(directory, "special_tokens_map.json")).values():
         for t in value if isinstance(value, list) else [value]:
             tokens.append(t["content"] if isinstance(t, dict) else t)
-    out.append(("special_tokens_map.json", dict.fromkeys(tokens)))
-    return out
+    return [added, {v["content"]: int(k) for k, v in decoder.items()}, dict.fromkeys(tokens)]
 
 
 def _read(path: str) -> dict:

@@ -21,14 +21,11 @@ compile to spilled scalar code). Exponents are clamped to <= 0 before exp, masks
 place); L need not be a multiple of Q (the tail is masked, dt = 0 there); Q is rounded up to a
 power of two >= 16. Sums over P tiles are float32 atomic adds (run-to-run rounding differences).
 Tiles and warps per kernel and GPU: TILES. Anchors: mamba_ssm's ssd_chunk_state.py,
-ssd_state_passing.py, ssd_chunk_scan.py at that commit; fla's chunk_simple_gla as vendored in the
-official repo, https://github.com/hustvl/mmMamba/blob/85143d03b62a8f8279ef8d019dc01a94674256fb/
-fla/ops/simple_gla/chunk.py
+ssd_state_passing.py, ssd_chunk_scan.py at that commit.
 
 Tests: python -m pytest -q tests/test_ssd_triton.py (every step, outputs and gradients, float32,
 float16, bfloat16 against float64, in Triton's CPU interpreter: TRITON_INTERPRET=1 from
-tests/conftest.py); tests/test_triton_compile.py (sm_80, sm_90 builds: shared memory, registers,
-spills); tests/test_ssd_gpu.py (CUDA, HoVLE's shapes).
+tests/conftest.py); tests/test_triton_compile.py (sm_80, sm_90 builds), tests/test_ssd_gpu.py (GPU).
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def garbage(input_ids, pixel_values, max_new_tokens, eos_id):
 
 
 def test_constants_and_config():
-    assert IMAGE_TOKENS == 64 == CFG.n_cells
+    assert IMAGE_TOKENS == 64 == CFG.grid * CFG.grid
     assert NUM_CELL_CLASSES == 1 + len(SHAPES) * len(COLOR_NAMES) + len(data.GLYPHS)
     assert set(data.CHANCE) == set(CATEGORIES) | {"recall"} and max(data.CHANCE.values()) <= 0.5
 
