@@ -106,12 +106,13 @@ COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.
                 "added_tokens.json", "generation_config.json")
 
 
-def hovle_config(layers: list | None = None) -> ModelConfig:
+def hovle_config(layers: list | None = None, **overrides) -> ModelConfig:
     """HoVLE-2.6B, the paper's teacher: 8 holistic-embedding + 24 InternLM2-1.8B layers, as its
     config.json gives them. 92546 is <IMG_CONTEXT> in the InternVL2 / InternLM2 tokenizer."""
-    return ModelConfig(vocab_size=92553, hidden_size=2048, intermediate_size=8192, n_heads=16,
-                       n_kv_heads=8, layers=layers or ["attn"] * 32, rope_theta=1e6, image_size=448,
-                       patch_size=14, img_context_id=92546)
+    shapes = dict(vocab_size=92553, hidden_size=2048, intermediate_size=8192, n_heads=16,
+                  n_kv_heads=8, layers=layers or ["attn"] * 32, rope_theta=1e6, image_size=448,
+                  patch_size=14, img_context_id=92546)
+    return ModelConfig(**{**shapes, **overrides})
 
 
 def split_wqkv(w: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):

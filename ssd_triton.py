@@ -6,9 +6,8 @@ mmMamba (arXiv 2502.13145, Sec. 3.1) runs the Mamba-2 SSD through mamba_ssm's
 defines the operator, its letters and the chunked steps 1-4; `ssd_triton` has ssd_chunked's
 signature. One kernel per step, its docstring the step's equation: _chunk_states_kernel (2;
 TRANSPOSE: the adjoint of 4), _pass_states_kernel (3; REVERSE: its adjoint), _chunk_outputs_kernel
-(1 + 4), _chunk_bwd_kernel and _chunk_bwd_dBdC_kernel (the adjoints of 1, 2, 4). Grids: (b*H, c,
-P tiles) per chunk, (b*H, P*N tiles) for step 3. Every kernel recomputes cs, the cumulative log
-decay inside a chunk, from dt and A.
+(1 + 4), _chunk_bwd_kernel and _chunk_bwd_dBdC_kernel (the adjoints of 1, 2, 4). Every kernel
+recomputes cs, the cumulative log decay inside a chunk, from dt and A.
 The backward recomputes steps 2 and 3 rather than saving the states entering the chunks (2.15 GB
 per layer at 128K tokens of HoVLE's shape), as mamba_ssm v2.2.4 does (the official code's version):
 https://github.com/state-spaces/mamba/blob/95d8aba8a8c75aedcaa6143713b11e745e7cd0d9/mamba_ssm/ops/
