@@ -55,3 +55,20 @@ def test_implicit_attention_picture(tmp_path):
     picture.main(["--teacher", str(tmp_path / "t"), "--run", str(tmp_path / "run"), "--heads", "0:0", "1:3",
                   "--n-images", "2", "--out", str(out)])
     assert out.stat().st_size > 10_000
+
+
+def test_eval_scores_a_multi_image_jsonl(tmp_path, capsys):
+    """distill.py --eval CKPT --eval-data FILE.jsonl on a file with two images per sample: every
+    prediction is scored against its reference, under the multi-image category."""
+    import json
+
+    import distill
+    save_model(tiny_teacher(), str(tmp_path / "t"))
+    data.main(["--out", str(tmp_path / "d"), "--n", "5", "--images", "2", "--split", "test"])
+    result = distill.main(["--eval", str(tmp_path / "t"), "--eval-data", str(tmp_path / "d" / "data.jsonl")])
+    assert result["n"] == {"recall": 5}
+    wanted = [json.loads(line)["conversations"][1]["value"] for line in open(tmp_path / "d" / "data.jsonl")]
+    assert [s["answer"] for s in result["samples"]] == wanted
+    hits = [data.normalize_answer(s["prediction"]) == data.normalize_answer(s["answer"]) for s in result["samples"]]
+    assert result["accuracy"]["recall"] == sum(hits) / 5
+    assert "recall" in capsys.readouterr().out
