@@ -1,4 +1,5 @@
 """SSD test inputs and the relative error every SSD test asserts with (tests of ssd.py, ssd_triton.py)."""
+import contextlib
 import math
 
 import torch
@@ -24,3 +25,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, in float64."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """PyTorch's own float32 matmuls in IEEE precision (tf32 off) inside the block, then as before.
+    Set and restored by hand: pytest's monkeypatch (9.2) cannot undo torch.backends' attributes."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn

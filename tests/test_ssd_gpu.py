@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("triton")
 
 from ssd import ssd_chunked  # noqa: E402
-from ssd_inputs import random_inputs, rel_err  # noqa: E402
+from ssd_inputs import no_tf32, random_inputs, rel_err  # noqa: E402
 from ssd_triton import ssd_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -62,10 +62,9 @@ def _report(test: str, dtype, b: int, L: int, groups, errors: dict):
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    yield
+def _no_tf32():
+    with no_tf32():
+        yield
     if CUDA:
         torch.cuda.empty_cache()
 

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 import ssd  # noqa: E402
 import ssd_triton as st  # noqa: E402
-from ssd_inputs import random_inputs, rel_err  # noqa: E402
+from ssd_inputs import no_tf32, random_inputs, rel_err  # noqa: E402
 from ssd_triton import ssd_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,9 +57,8 @@ def _gpu_rounding(monkeypatch):
     if DEV == "cpu":
         from triton.runtime.interpreter import InterpreterBuilder
         monkeypatch.setattr(InterpreterBuilder, "create_dot", _gpu_dot)
-    else:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    yield
+    with no_tf32():
+        yield
 
 
 def oracle(x, dt, A, B, C, D=None, h0=None):
