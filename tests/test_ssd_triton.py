@@ -157,36 +157,33 @@ def test_forward_without_D_and_state():
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-5
 
 
+def _forward_and_gradients(args, dtype, label: str):
+    """ssd_triton's output, final state and gradients against the oracle on the same values in
+    float64; outputs in the input dtype, states in float32."""
+    y_ref, h_ref = oracle(*args)
+    y, h = ssd_triton(*args, chunk_size=16)
+    assert y.dtype == dtype and h.dtype == torch.float32
+    tol_out, tol_grad = TOL[dtype]
+    errs = {"y": rel_err(y, y_ref), "final state": rel_err(h, h_ref)}
+    errs.update({name: rel_err(a, r) for name, a, r in gradients(args, dtype)})
+    print(f"{dtype} {label}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    assert errs["y"] <= tol_out and errs["final state"] <= tol_out, errs
+    assert all(e <= tol_grad for e in errs.values()), errs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_small_tiles_every_loop(monkeypatch, dtype):
     """16 x 16 tiles: two P tiles and three N tiles, so every grid axis and loop over P and N has
     several steps; forward and gradients against float64 (16-bit inputs too)."""
     small = {key: (16, None if key[0] == "states" else 16, 4, 1) for key in st.TILES}
     monkeypatch.setattr(st, "TILES", small)
-    args = on(inputs(L=45, P=20, N=40), dtype)
-    y_ref, h_ref = oracle(*args)
-    y, h = ssd_triton(*args, chunk_size=16)
-    tol_out, tol_grad = TOL[dtype]
-    errs = {"y": rel_err(y, y_ref), "final state": rel_err(h, h_ref)}
-    errs.update({name: rel_err(a, r) for name, a, r in gradients(args, dtype)})
-    print(f"{dtype} small tiles: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
-    assert errs["y"] <= tol_out and errs["final state"] <= tol_out, errs
-    assert all(e <= tol_grad for e in errs.values()), errs
+    _forward_and_gradients(on(inputs(L=45, P=20, N=40), dtype), dtype, "small tiles")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16bit_forward_and_gradients(dtype):
     """16-bit inputs: dot operands in the input dtype, float32 accumulation and states."""
-    args = on(inputs(L=40), dtype)
-    y_ref, h_ref = oracle(*args)                    # the same 16-bit values, in float64
-    y, h = ssd_triton(*args, chunk_size=16)
-    assert y.dtype == dtype and h.dtype == torch.float32
-    tol_out, tol_grad = TOL[dtype]
-    errs = {"y": rel_err(y, y_ref), "final state": rel_err(h, h_ref)}
-    errs.update({name: rel_err(a, r) for name, a, r in gradients(args, dtype)})
-    print(f"{dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
-    assert errs["y"] <= tol_out and errs["final state"] <= tol_out, errs
-    assert all(e <= tol_grad for e in errs.values()), errs
+    _forward_and_gradients(on(inputs(L=40), dtype), dtype, "")
 
 
 def test_strided_inputs():
