@@ -43,10 +43,9 @@ def ours(model: Model, folder: str, image_file: str, question: str) -> tuple:
     return ids, data.pixel_values(image[None]), data.TOKENIZER.eos_id, decode
 
 
-def released(model: Model, folder: str, image_file: str, question: str, max_tiles: int) -> tuple:
+def released(model: Model, tok: hovle.Tokenizer, folder: str, image_file: str, question: str,
+             max_tiles: int) -> tuple:
     """(prompt ids, pixel values, eos id, decode) as HoVLE's chat() builds them (hovle.py)."""
-    hovle.check_template(folder)
-    tok = hovle.Tokenizer(folder)
     cfg = model.cfg
     image_id = tok.specials["<IMG_CONTEXT>"]
     if tok.vocab_size > cfg.vocab_size or image_id != cfg.img_context_id:
@@ -63,7 +62,6 @@ def answer(model: Model, ids: list, pixels: torch.Tensor, eos_id: int, max_new_t
     """(new token ids up to eos, their number, prefill seconds, decode seconds). The prompt but its
     last token is prefilled (timed alone), then model.generate runs on from that token."""
     prompt = torch.tensor([ids])
-    pixels = pixels.to(model.lm_head.weight.dtype)
     generator = torch.Generator().manual_seed(seed)
     cache = model.new_cache(capacity=len(ids) + max_new_tokens)
     t0 = time.perf_counter()
@@ -89,9 +87,13 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights")
     p.add_argument("--max-tiles", type=int, default=6, help="HoVLE / mmMamba: 448 px tiles at most")
     args = p.parse_args(argv)
+    is_released = os.path.isfile(os.path.join(args.checkpoint, "tokenizer.model"))
+    if is_released:                         # checked before the weights (GBs) are read
+        hovle.check_template(args.checkpoint)
+        tok = hovle.Tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype)).eval()
-    if os.path.isfile(os.path.join(args.checkpoint, "tokenizer.model")):
-        prompt = released(model, args.checkpoint, args.image, args.question, args.max_tiles)
+    if is_released:
+        prompt = released(model, tok, args.checkpoint, args.image, args.question, args.max_tiles)
     else:
         prompt = ours(model, args.checkpoint, args.image, args.question)
     ids, pixels, eos_id, decode = prompt

@@ -226,12 +226,19 @@ class _Config:
         return v
 
     def number(self, key: str, default=..., integer: bool = True):
+        """A positive int, or (integer=False) a positive number as a float."""
         v = self.get(key, default)
-        if integer and (not isinstance(v, int) or isinstance(v, bool) or not v > 0):
-            raise CheckpointError(f"{self.path}: key '{key}' must be a positive integer, got {v!r}")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-            raise CheckpointError(f"{self.path}: key '{key}' must be a positive number, got {v!r}")
-        return v
+        if integer:
+            kinds = int
+            what = "integer"
+        else:
+            kinds = (int, float)
+            what = "number"
+        if not isinstance(v, kinds) or isinstance(v, bool) or not v > 0:
+            raise CheckpointError(f"{self.path}: key '{key}' must be a positive {what}, got {v!r}")
+        if integer:
+            return v
+        return float(v)
 
     def supported(self, *checks) -> None:
         """Each check (dotted key, the one supported value, why) passes if the key is absent or has it."""
@@ -248,8 +255,8 @@ def _decoder(c: _Config, prefix: str) -> dict:
     keys = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
     out = {k: c.number(prefix + k) for k in keys}
     out["num_key_value_heads"] = c.number(prefix + "num_key_value_heads", out["num_attention_heads"])
-    out["rope_theta"] = float(c.number(prefix + "rope_theta", 10000.0, integer=False))
-    out["rms_norm_eps"] = float(c.number(prefix + "rms_norm_eps", 1e-6, integer=False))
+    out["rope_theta"] = c.number(prefix + "rope_theta", 10000.0, integer=False)
+    out["rms_norm_eps"] = c.number(prefix + "rms_norm_eps", 1e-6, integer=False)
     return out
 
 

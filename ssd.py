@@ -205,9 +205,10 @@ def ssd_step(x, dt, A, B, C, state, D=None):
     H = dt.shape[1]
     ct = state.dtype
     dA = torch.exp(dt.to(ct) * A.to(ct))                                         # (b, H)
-    xB = per_head(x.to(ct), H, 1)[..., None] * per_head(B.to(ct), H, 1)[:, :, None]
+    xh = per_head(x.to(ct), H, 1)                                                # (b, H, P)
+    xB = xh[..., None] * per_head(B.to(ct), H, 1)[:, :, None]
     state.mul_(dA[..., None, None]).add_(dt.to(ct)[..., None, None] * xB)        # (b, H, P, N)
     y = (state * per_head(C.to(ct), H, 1)[:, :, None, :]).sum(-1)                # (b, H, P)
     if D is not None:
-        y = y + D.to(ct)[:, None] * per_head(x.to(ct), H, 1)
+        y = y + D.to(ct)[:, None] * xh
     return y.to(x.dtype), state

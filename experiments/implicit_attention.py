@@ -15,7 +15,6 @@ Run (after distilling the recall students, see the README):
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import data  # noqa: E402
 from convert import load_model  # noqa: E402
 from seed import seed_student  # noqa: E402
 from ssd import implicit_attention  # noqa: E402
+from teacher.grounding import role_probs  # noqa: E402
 from utils import arg, parse_config, run_main  # noqa: E402
 
 
@@ -38,17 +38,6 @@ class PictureConfig:
     n_images: int = arg(4, "images in the prompt")
     index: int = arg(0, "which test question")
     out: str = arg("results/implicit_attention.png", "the picture")
-
-
-def softmax_attention(model, hidden: list, layer: int) -> torch.Tensor:
-    """The teacher's causal softmax(q k^T / sqrt(P)) of one layer, (H, L, L)."""
-    mixer = model.layers[layer].mixer
-    q, k, _ = mixer.qkv(model.layers[layer].attention_norm(hidden[layer]))  # (1, H, L, P), (1, Hkv, L, P)
-    k = k.repeat_interleave(model.cfg.heads_per_kv, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    L = scores.shape[-1]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1)[0]
 
 
 def mixer_attention(model, hidden: list, layer: int) -> torch.Tensor:
@@ -76,7 +65,7 @@ def attention_maps(model, batch: dict, heads: list) -> list:
     maps = []
     for layer, head in heads:
         if model.layers[layer].kind == "attn":
-            maps.append(softmax_attention(model, hidden, layer)[head])
+            maps.append(role_probs(model, hidden, layer, head)[0])
         else:
             maps.append(mixer_attention(model, hidden, layer)[head])
     return maps

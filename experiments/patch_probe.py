@@ -4,7 +4,7 @@ For each layer i, take the bundled teacher, replace layer i's attention mixer by
 Mamba-2 mixer (every other layer stays the teacher's), and measure the accuracy per category. A
 category that drops only when layer i is patched names the layer whose conversion loses it. This is
 how the stage-2 defaults of distill.py were found (experiments/README.md: layer 2 holds the look
-head; a short stage 2 left it dropping exist and count). distill.choose_attention_layers measures
+head; a short stage 2 left it dropping exist and count). ablate.choose_attention_layers measures
 the same swap by the output KL instead of accuracy.
 
 Run (after `python distill.py --stage 2`):

@@ -16,12 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "checkpoints", "teacher")
 
 
-def first_image(s):
-    """The sample's image, uint8 (3, S, S): data.Sample has `image`, or `images` (K, 3, S, S)."""
-    if hasattr(s, "images"):
-        return s.images[0]
-    return s.image
-
 
 def test_teacher_answers_a_question_about_a_png(tmp_path, capsys):
     teacher = load_model(TEACHER).eval()
@@ -29,7 +23,7 @@ def test_teacher_answers_a_question_about_a_png(tmp_path, capsys):
     result = data.score(lambda ids, px, n, eos: teacher.generate(ids, px, n, eos), samples)
     right = [s for s, p in zip(samples, result["predictions"]) if p == s.answer]
     s = next(s for s in right if s.category == "color")               # one the teacher gets right
-    image = first_image(s)
+    image = s.images[0]
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "scene.png")
     answer = ask.main([TEACHER, str(tmp_path / "scene.png"), s.question])
     out = capsys.readouterr().out

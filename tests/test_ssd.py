@@ -1,51 +1,11 @@
-"""Tests of ssd.py against an independent token-loop oracle written here (float64)."""
+"""Tests of ssd.py against an independent token-loop oracle (tests/ssd_inputs.py, float64)."""
 
 import pytest
 import torch
 
 import ssd
 from ssd import ssd_chunked, ssd_naive, ssd_step
-from ssd_inputs import random_inputs
-
-
-def oracle(x, dt, A, B, C, D=None, h0=None):
-    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t, per head, in float64."""
-    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
-    b, L, Hx, P = x.shape
-    H, G, Gc, N = dt.shape[2], B.shape[2], C.shape[2], B.shape[3]
-    out = torch.zeros(b, L, H, P, dtype=torch.float64)
-    hT = torch.zeros(b, H, P, N, dtype=torch.float64)
-    for i in range(b):
-        for h in range(H):
-            hx, g, gc = h // (H // Hx), h // (H // G), h // (H // Gc)   # the groups head h reads
-            s = torch.zeros(P, N, dtype=torch.float64) if h0 is None else h0[i, h].double()
-            for t in range(L):
-                s = torch.exp(dt[i, t, h] * A[h]) * s + dt[i, t, h] * torch.outer(x[i, t, hx], B[i, t, g])
-                out[i, t, h] = s @ C[i, t, gc]
-                if D is not None:
-                    out[i, t, h] = out[i, t, h] + D[h].double() * x[i, t, hx]
-            hT[i, h] = s
-    return out, hT
-
-
-def oracle_vectorised(x, dt, A, B, C, D=None, h0=None):
-    """The same loop over t, vectorised over batch and heads, differentiable (for gradients)."""
-    b, L, _, P = x.shape
-    H = dt.shape[2]
-    x, Bh, Ch = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (x, B, C))
-    s = torch.zeros(b, H, P, B.shape[3], dtype=x.dtype) if h0 is None else h0
-    ys = []
-    for t in range(L):
-        s = torch.exp(dt[:, t] * A)[..., None, None] * s + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None]
-        ys.append((s * Ch[:, t, :, None]).sum(-1))
-    y = torch.stack(ys, 1)
-    if D is not None:
-        y = y + D[:, None] * x
-    return y, s
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from ssd_inputs import oracle, oracle_vectorised, random_inputs, rel_err
 
 
 def inputs(b=2, L=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, D=True, h0=True, Hx=None, Gc=None):
@@ -57,7 +17,7 @@ def test_oracles_agree():
     args = inputs(b=1, L=9, H=2, P=3, G=1, N=4)
     y1, h1 = oracle(*args)
     y2, h2 = oracle_vectorised(*args)
-    assert rel(y2, y1) < 1e-14 and rel(h2, h1) < 1e-14
+    assert rel_err(y2, y1) < 1e-14 and rel_err(h2, h1) < 1e-14
 
 
 @pytest.mark.parametrize("L,Q,G", [(37, 8, 2), (64, 16, 1), (5, 16, 4), (50, 7, 2), (1, 4, 2)])
@@ -66,22 +26,22 @@ def test_chunked_matches_oracle_float64(L, Q, G):
     y_ref, h_ref = oracle(*args)
     y, h = ssd_chunked(*args, chunk_size=Q)
     assert y.dtype == torch.float64
-    assert rel(y, y_ref) <= 1e-10
-    assert rel(h, h_ref) <= 1e-10
+    assert rel_err(y, y_ref) <= 1e-10
+    assert rel_err(h, h_ref) <= 1e-10
 
 
 def test_chunked_without_D_and_state():
     args = inputs(L=29, D=False, h0=False)
     y_ref, h_ref = oracle(*args)
     y, h = ssd_chunked(*args, chunk_size=8)
-    assert rel(y, y_ref) <= 1e-10 and rel(h, h_ref) <= 1e-10
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(h, h_ref) <= 1e-10
 
 
 def test_naive_matches_oracle():
     args = inputs(L=23)
     y_ref, h_ref = oracle(*args)
     y, h = ssd_naive(*args)
-    assert rel(y, y_ref) <= 1e-12 and rel(h, h_ref) <= 1e-12
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(h, h_ref) <= 1e-12
 
 
 @pytest.mark.parametrize("Hx,G,Gc", [(2, 2, 4), (1, 2, 1), (4, 1, 2)])
@@ -91,12 +51,12 @@ def test_grouped_x_B_C_match_oracle(Hx, G, Gc):
     y_ref, h_ref = oracle(*args)
     for fn in (ssd_naive, ssd_chunked):
         y, h = fn(*args, chunk_size=8)
-        assert rel(y, y_ref) <= 1e-10 and rel(h, h_ref) <= 1e-10, fn.__name__
+        assert rel_err(y, y_ref) <= 1e-10 and rel_err(h, h_ref) <= 1e-10, fn.__name__
     x, dt, A, B, C, D, h0 = args
     y_pre, state = ssd_chunked(x[:, :20], dt[:, :20], A, B[:, :20], C[:, :20], D, h0, chunk_size=8)
     ys = [ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D)[0] for t in range(20, 29)]
-    assert rel(torch.cat([y_pre, torch.stack(ys, 1)], 1), y_ref) <= 1e-12
-    assert rel(state, h_ref) <= 1e-12
+    assert rel_err(torch.cat([y_pre, torch.stack(ys, 1)], 1), y_ref) <= 1e-12
+    assert rel_err(state, h_ref) <= 1e-12
 
 
 def test_chunked_steps_are_the_papers_four():
@@ -109,10 +69,10 @@ def test_chunked_steps_are_the_papers_four():
     _, h_mid = oracle(x[:, :8], dt[:, :8], A, B[:, :8], C[:, :8], None, h0)
     _, h_end = oracle(x, dt, A, B, C, None, h0)
     _, S1 = oracle(x[:, 8:], dt[:, 8:], A, B[:, 8:], C[:, 8:])          # chunk 1 from a zero state
-    assert rel(h_in[:, 0], h0) == 0 and rel(h_in[:, 1], h_mid) <= 1e-12 and rel(hT, h_end) <= 1e-12
-    assert rel(S[:, 1], S1) <= 1e-12
+    assert rel_err(h_in[:, 0], h0) == 0 and rel_err(h_in[:, 1], h_mid) <= 1e-12 and rel_err(hT, h_end) <= 1e-12
+    assert rel_err(S[:, 1], S1) <= 1e-12
     y = ssd.chunk_outputs(c(x), c(dt), c(B), c(C), cs, h_in).reshape(1, 16, 2, 3)
-    assert rel(y, oracle(x, dt, A, B, C, None, h0)[0]) <= 1e-12
+    assert rel_err(y, oracle(x, dt, A, B, C, None, h0)[0]) <= 1e-12
 
 
 def test_implicit_attention_is_the_dual_form():
@@ -123,10 +83,10 @@ def test_implicit_attention_is_the_dual_form():
     assert M.shape == (2, 4, 13, 13) and M.dtype == torch.float64
     assert bool((M.triu(1) == 0).all())                                 # causal
     y = torch.einsum("bhts,bshp->bthp", M, x.repeat_interleave(2, dim=2))
-    assert rel(y, oracle(x, dt, A, B, C)[0]) <= 1e-12
-    assert rel(y, ssd_naive(x, dt, A, B, C)[0]) <= 1e-12
+    assert rel_err(y, oracle(x, dt, A, B, C)[0]) <= 1e-12
+    assert rel_err(y, ssd_naive(x, dt, A, B, C)[0]) <= 1e-12
     M32 = ssd.implicit_attention(*(t.float() for t in (dt, A, B, C)))
-    assert M32.dtype == torch.float32 and rel(M32, M) <= 1e-5
+    assert M32.dtype == torch.float32 and rel_err(M32, M) <= 1e-5
 
 
 def test_chunked_float32_close_to_oracle():
@@ -134,7 +94,7 @@ def test_chunked_float32_close_to_oracle():
     y_ref, h_ref = oracle(*args)
     y, h = ssd_chunked(*args, chunk_size=16)
     assert y.dtype == torch.float32 and h.dtype == torch.float32
-    assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-5
 
 
 def test_chunked_gradcheck_float64():
@@ -160,7 +120,7 @@ def test_chunked_gradients_match_oracle_autograd():
     y, h = oracle_vectorised(*a2)
     ((y * wy).sum() + (h * wh).sum()).backward()
     for name, t1, t2 in zip(["x", "dt", "A", "B", "C", "D", "h0"], a1, a2):
-        assert rel(t1.grad, t2.grad) <= 1e-10, name
+        assert rel_err(t1.grad, t2.grad) <= 1e-10, name
 
 
 @pytest.mark.parametrize("L,k", [(30, 5), (32, 3), (1, 4)])
@@ -172,8 +132,8 @@ def test_prefill_then_steps_equals_full(L, k):
     for t in range(L, L + k):
         y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D)
         ys.append(y_t[:, None])
-    assert rel(torch.cat(ys, 1), y_full) <= 1e-12
-    assert rel(state, h_full) <= 1e-12
+    assert rel_err(torch.cat(ys, 1), y_full) <= 1e-12
+    assert rel_err(state, h_full) <= 1e-12
 
 
 def test_step_keeps_float32_state_and_updates_it_in_place():
@@ -190,7 +150,7 @@ def test_long_sequence_float32_stable():
     y64, h64 = ssd_chunked(x, dt, A, B, C, D, h0, chunk_size=64)
     y32, h32 = ssd_chunked(*(t.float() for t in (x, dt, A, B, C, D, h0)), chunk_size=64)
     assert torch.isfinite(y32).all() and torch.isfinite(h32).all()
-    assert rel(y32, y64) <= 1e-4 and rel(h32, h64) <= 1e-4
+    assert rel_err(y32, y64) <= 1e-4 and rel_err(h32, h64) <= 1e-4
 
 
 def strong_decay_inputs(dtype):
@@ -208,7 +168,7 @@ def test_strong_decay_no_nan_chunked():
     for t in args:
         assert torch.isfinite(t.grad).all()
     y_ref, _ = oracle(*[t.detach() for t in args])
-    assert rel(y, y_ref) <= 1e-5
+    assert rel_err(y, y_ref) <= 1e-5
 
 
 def test_deterministic():
@@ -263,4 +223,4 @@ def test_chunked_blocks_of_chunks_match_oracle(block_chunks):
     args = inputs(L=61, G=2)
     y_ref, h_ref = oracle(*args)
     y, h = ssd_chunked(*args, chunk_size=8, block_chunks=block_chunks)
-    assert rel(y, y_ref) <= 1e-10 and rel(h, h_ref) <= 1e-10
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(h, h_ref) <= 1e-10
