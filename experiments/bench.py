@@ -586,8 +586,9 @@ def kernel_bytes(t: dict, reads: tuple, mode: str, Q: int) -> int:
 def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
     """ssd_chunked (and ssd_triton on CUDA or in Triton's interpreter) against causal SDPA, for
     every batch, length and mode: the median ms of the forward or of forward and backward of
-    sum(y); floor_ms: kernel_bytes at the copy bandwidth. A call predicted (x (L / L0)^2 from the
-    last length) to pass the deadline is skipped."""
+    sum(y); floor_ms: kernel_bytes at the copy bandwidth. A call predicted to pass the deadline is
+    skipped: its last timing at (b0, L0) x (b / b0) x (L / L0)^2, or x (L / L0) for a shorter L,
+    whatever the batch (a new batch's first call is predicted too: interpreted, it takes seconds)."""
     device = torch.device(c.device)
     mc = model_config(c, "linear")
     ssds = {"ssd_chunked": ssd_chunked}
@@ -599,7 +600,8 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
     dst = torch.zeros_like(src)
     bandwidth = 8 * src.numel() / statistics.median(timeit(lambda: dst.copy_(src), device, 5, 1e9))
     rows = []
-    last = {}                                           # (kernel, mode, b) -> (L, s of a call)
+    timed = {}                                          # (kernel, mode) -> (b, L, s of a call)
+    failed = {}                                         # (kernel, mode) -> (b, L) where it raised
     for b, L in itertools.product(c.batch, c.lengths):
         t = kernel_inputs(b, L, mc, c)
         for name, mode in itertools.product([*ssds, "sdpa_causal"], modes):
@@ -614,13 +616,18 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
                     y = ssds[name](*(leaf[k] for k in ("x", "dt", "A", "B", "C")), chunk_size=mc.ssd_chunk_size)[0]
                 if mode != "fwd":
                     y.backward(torch.ones_like(y))
-            L0, s0 = last.get((name, mode, b), (L, 0.0))
-            error = "failed at a shorter L" if s0 is None else "budget"
-            row = {"kernel": name, "mode": mode, "b": b, "L": L, "status": "skipped", "error": error}
-            if s0 is not None and time.time() + s0 * (L / L0) ** 2 * (c.repeats + 1) < deadline:
+            key = (name, mode)
+            b0, L0, s0 = timed.get(key, (b, L, 0.0))
+            growth = max(L / L0, (L / L0) ** 2)        # at least the chunks, at most attention
+            predicted_s = s0 * (b / b0) * growth * (c.repeats + 1)
+            row = {"kernel": name, "mode": mode, "b": b, "L": L, "status": "skipped", "error": "budget"}
+            fb, fL = failed.get(key, (math.inf, math.inf))
+            if b >= fb and L >= fL:                     # not retried at a larger size
+                row["error"] = f"failed at b={fb}, L={fL}"
+            elif time.time() + predicted_s < deadline:
                 try:
                     with torch.set_grad_enabled(mode != "fwd"):
-                        warm_up = device.type == "cuda" or (name, mode, b) not in last
+                        warm_up = device.type == "cuda" or key not in timed
                         if warm_up and not (interpreted and name == "ssd_triton"):   # nothing to compile
                             call()
                         ms = 1e3 * statistics.median(timeit(call, device, c.repeats, c.point_budget_s))
@@ -628,9 +635,10 @@ def kernel_section(c: BenchConfig, deadline: float, save) -> dict:
                     row = {**row, "status": "ok", "ms": ms, "bytes": nbytes, "gb_s": nbytes / ms / 1e6,
                            "floor_ms": 1e3 * nbytes / bandwidth}
                     del row["error"]
+                    timed[key] = (b, L, ms / 1e3)
                 except Exception as e:                  # recorded; the section goes on
                     row.update(failure(e))
-            last[(name, mode, b)] = (L, row["ms"] / 1e3 if row["status"] == "ok" else None)
+                    failed[key] = (b, L)
             rows.append(row)
             save(rows)
         t = leaf = None                                 # free the inputs (and grads) first

@@ -143,7 +143,9 @@ def test_gpu_check_dry_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     parts = ["env", "tests_16bit", "kernel_bfloat16", "model", "tests_float32", "kernel_float32"]
     assert [p["part"] for p in summary["parts"]] == parts
-    assert all(p["status"] == 0 for p in summary["parts"]), summary
+    for p in summary["parts"]:                          # 124: stopped at its time limit
+        log = (out / f"{p['part']}.log").read_text()[-3000:]
+        assert p["status"] == 0, f"{p}\n{log}"
     assert summary["dry_run"] and summary["limit_s"] <= 360
     for name in ("env.log", "summary.md", "tests_16bit.log", "tests_float32.log"):
         assert (out / name).stat().st_size > 0, name
