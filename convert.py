@@ -263,7 +263,7 @@ def _decoder(c: _Config, prefix: str) -> dict:
 def _model_config(c: _Config, **fields) -> ModelConfig:
     try:
         return ModelConfig(**fields)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ZeroDivisionError) as e:         # a zero size divides
         raise CheckpointError(f"{c.path}: invalid model config: {e}") from e
 
 
@@ -396,7 +396,7 @@ def save_model(model: Model, directory: str) -> None:
     """Our format: directory/config.json and directory/model.safetensors, each written atomically."""
     os.makedirs(directory, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(directory, "model.safetensors"), functools.partial(save_file, state))
+    _write_shards(directory, state, shard_bytes=float("inf"))       # one file; a former save's go
     write_json(os.path.join(directory, "config.json"), dataclasses.asdict(model.cfg))
 
 

@@ -49,14 +49,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
 from convert import load_model, save_model
 from evaluate import (accuracy, evaluate_folder, mixer_fidelity, plot_fidelity, stage_report,
                       test_samples)
-from model import PLACEMENTS, Mamba2Mixer, Model, make_layers
+from model import PLACEMENTS, Mamba2Mixer, Model, make_layers, recomputed
 from seed import MODES, seed_student
 from utils import all_sum, arg, atomic_write, dist_setup, parse_config, run_main, write_json
 
@@ -78,10 +77,7 @@ def layer_loss(student: Model, teacher: Model, batch: dict, cfg: TrainConfig):
     total = 0.0
     for i, target in zip(layers, targets):
         heads = student.layers[i].mixer.heads
-        if student.recompute and torch.is_grad_enabled():
-            out = checkpoint(heads, us[i], use_reentrant=False)                   # run again in backward
-        else:
-            out = heads(us[i])                                                   # (b, L, H, P)
+        out = recomputed(heads, us[i], enabled=student.recompute)                # (b, L, H, P)
         se = (out.float() - target.float()).pow(2).mean(dim=(2, 3))              # (b, L)
         total = total + (se * mask).sum()
     return cfg.mse_scale * total, mask.sum().float() * len(layers)

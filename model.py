@@ -496,10 +496,7 @@ class Model(nn.Module):
         hidden = []
         for block, layer_cache in zip(self.layers, caches):
             hidden.append(h)
-            if self.recompute and torch.is_grad_enabled():            # activation checkpointing
-                h = checkpoint(block, h, layer_cache, use_reentrant=False)
-            else:
-                h = block(h, layer_cache)
+            h = recomputed(block, h, layer_cache, enabled=self.recompute)
         hidden.append(h)
         if last_only:
             h = h[:, -1:]
@@ -575,6 +572,13 @@ class Model(nn.Module):
                 break
             logits = self(tok[:, None], cache=cache)[:, -1]
         return torch.stack(out, dim=1)
+
+
+def recomputed(fn, *args, enabled: bool):
+    """fn(*args); enabled, in training: activation checkpointing (fn reruns in backward)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 @torch.no_grad()

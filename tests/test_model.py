@@ -447,6 +447,9 @@ def test_save_load_bit_identical(tmp_path):
     torch.manual_seed(9)
     cfg = small_cfg(["mamba2", "attn", "mamba2"])
     model = perturb_mamba(Model(cfg)).eval()
+    (tmp_path / "ckpt").mkdir()                     # a former sharded save's files, which load_model
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text("{}")    # would read first
+    (tmp_path / "ckpt" / "model-00001-of-00002.safetensors").write_bytes(b"")
     save_model(model, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     again = load_model(tmp_path / "ckpt").eval()
@@ -491,6 +494,9 @@ def test_load_errors_name_file_and_keys(tmp_path):
     with pytest.raises(InputError, match="config.json: not valid JSON"):
         load_model(d)
     cfg_path.write_text(json.dumps(dict(good, n_heads=5)))
+    with pytest.raises(InputError, match="config.json: invalid model config"):
+        load_model(d)
+    cfg_path.write_text(json.dumps(dict(good, n_heads=0)))
     with pytest.raises(InputError, match="config.json: invalid model config"):
         load_model(d)
     cfg_path.write_text(json.dumps(dict(good, n_expert=4)))
