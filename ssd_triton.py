@@ -36,7 +36,6 @@ import triton.language as tl
 
 from ssd import check_inputs
 
-MAX_BLOCK_P = 128                                    # cap on the P tile (tests lower it)
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}     # else float32 dot operands
 
@@ -323,11 +322,11 @@ class _Sizes:
 
     def tiles(self, kernel: str) -> tuple[int, int, dict]:
         """A per-chunk kernel's numbers of P and N tiles and its meta-parameters: the tiles of TILES
-        (None: the whole padded size; BLOCK_P at most MAX_BLOCK_P), warps and stages."""
+        (None: the whole padded size), warps and stages."""
         block_p, block_n, warps, stages = TILES[(kernel, self.dot.primitive_bitwidth, self.arch)]
         pad_p = max(16, triton.next_power_of_2(self.P))
         pad_n = max(16, triton.next_power_of_2(self.N))
-        block_p = min(block_p or pad_p, pad_p, MAX_BLOCK_P)
+        block_p = min(block_p or pad_p, pad_p)
         block_n = min(block_n or pad_n, pad_n)
         meta = dict(DOT=self.dot, Q=self.Q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps,
                     num_stages=stages)

@@ -44,6 +44,26 @@ def test_recall_points_are_written_once_and_reported(tmp_path, capsys):
     assert [recall.target_index(q, 8) for q in recall.POSITIONS] == [0, 4, 7]
 
 
+def test_recall_scores_by_the_asked_position(tmp_path, monkeypatch):
+    """A model that answers only questions about the first image: by_position 1 / 0 / 0. Which
+    image a question asks about (the needle's) is found here by drawing the sample with target 0."""
+    recall = script("recall")
+    cfg = data.DataConfig()
+
+    def first_only(model, samples, batch_size):
+        predictions = []
+        for s in samples:
+            index = int(s.source.split("/")[-1])
+            first = data.multi_sample_at(cfg, "test", 0, index, 4, target=0)
+            predictions.append(s.answer if torch.equal(s.images, first.images) else "no answer")
+        return {"accuracy": {"recall": 0.0}, "predictions": predictions}
+    monkeypatch.setattr(recall, "evaluate", first_only)
+    monkeypatch.setattr(recall, "load_model", lambda folder: tiny_teacher())
+    point = recall.score_point("unused", 4, 9, 0)
+    assert point["by_position"] == {"first": 1.0, "middle": 0.0, "last": 0.0}
+    assert point["accuracy"] == 3 / 9
+
+
 def test_implicit_attention_picture(tmp_path):
     picture = script("implicit_attention")
     teacher = tiny_teacher()
@@ -57,12 +77,13 @@ def test_implicit_attention_picture(tmp_path):
     assert out.stat().st_size > 10_000
 
 
-def test_eval_scores_a_multi_image_jsonl(tmp_path, capsys):
+def test_eval_scores_a_multi_image_jsonl(tmp_path, capsys, monkeypatch):
     """distill.py --eval CKPT --eval-data FILE.jsonl on a file with two images per sample: every
     prediction is scored against its reference, under the multi-image category."""
     import json
 
     import distill
+    monkeypatch.chdir(tmp_path)                     # --eval writes runs/eval/<name>.json
     save_model(tiny_teacher(), str(tmp_path / "t"))
     data.main(["--out", str(tmp_path / "d"), "--n", "5", "--images", "2", "--split", "test"])
     result = distill.main(["--eval", str(tmp_path / "t"), "--eval-data", str(tmp_path / "d" / "data.jsonl")])

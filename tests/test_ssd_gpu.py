@@ -31,10 +31,11 @@ DEVICE = "cuda" if CUDA else "cpu"
 on_gpu = pytest.mark.skipif(not (CUDA or DRY), reason="needs a CUDA GPU (or GPU_CHECK_DRY_RUN=1)")
 if DRY:                 # tiny shapes for the interpreter
     H, P, N = 4, 32, 32
-    L1, L2, L3, L4, L5, L6, L_MODEL = (70, 100, 37, 64, 90, 50, 40)
+    LENGTH = dict(b8_mha=70, b8_gqa=100, odd=37, b1_mha=64, longest=90, backward=50, model=40)
 else:                   # mmMamba's Mamba-2 mixer: 16 heads, head dim 128, state 128
     H, P, N = 16, 128, 128
-    L1, L2, L3, L4, L5, L6, L_MODEL = (1000, 4096, 16_387, 65_536, 131_072, 8_200, 300)
+    LENGTH = dict(b8_mha=1000, b8_gqa=4096, odd=16_387, b1_mha=65_536, longest=131_072,
+                  backward=8_200, model=300)
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]          # 16-bit first
 GQA = (H // 2, H // 2, H)   # (Hx, G, Gc): x = V and B = K with H/2 KV heads, C = Q with H heads
@@ -73,11 +74,11 @@ def _no_tf32():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,L,groups", [
-    (8, L1, MHA),         # batch 8, L not a multiple of Q
-    (8, L2, GQA),
-    (2, L3, GQA),         # odd length
-    (1, L4, MHA),
-    (1, L5, GQA),         # the longest length of the issue
+    (8, LENGTH["b8_mha"], MHA),         # batch 8, L not a multiple of Q
+    (8, LENGTH["b8_gqa"], GQA),
+    (2, LENGTH["odd"], GQA),            # odd length
+    (1, LENGTH["b1_mha"], MHA),
+    (1, LENGTH["longest"], GQA),        # the longest length of the issue
 ], ids=["b8-mha", "b8-gqa", "b2-odd-gqa", "b1-mha", "b1-longest-gqa"])
 def test_forward_matches_float64(dtype, b, L, groups):
     lo, ref_in = _inputs(b, L, groups, dtype)
@@ -92,7 +93,8 @@ def test_forward_matches_float64(dtype, b, L, groups):
 @on_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("b,L,groups", [(2, L1, GQA), (1, L6, MHA)], ids=["b2-gqa", "b1-mha"])
+@pytest.mark.parametrize("b,L,groups", [(2, LENGTH["b8_mha"], GQA), (1, LENGTH["backward"], MHA)],
+                         ids=["b2-gqa", "b1-mha"])
 def test_backward_matches_float64(dtype, b, L, groups):
     lo, ref_in = _inputs(b, L, groups, dtype, seed=1)
     lo = [t.detach().requires_grad_() for t in lo]
@@ -119,13 +121,13 @@ def test_model_float32_forward_with_triton_matches_chunked():
     torch.manual_seed(0)
     cfg = model.ModelConfig(layers=["mamba2", "attn", "mamba2", "mamba2"], ssd_impl="triton")
     m = model.Model(cfg).to(DEVICE).eval()
-    ids = torch.randint(7, cfg.vocab_size, (2, L_MODEL), device=DEVICE)
+    ids = torch.randint(7, cfg.vocab_size, (2, LENGTH["model"]), device=DEVICE)
     with torch.no_grad():
         fast = m(ids)
         m.set_config(cfg.replace(ssd_impl="chunked"))
         slow = m(ids)
     error = rel_err(fast, slow)
-    _report("model logits", torch.float32, 2, L_MODEL, None, {"logits": error})
+    _report("model logits", torch.float32, 2, LENGTH["model"], None, {"logits": error})
     assert error <= 1e-4
 
 

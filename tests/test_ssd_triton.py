@@ -71,6 +71,11 @@ def on(args, dtype=torch.float32):
     return [t if t is None else t.to(DEV, dtype) for t in args]
 
 
+def p_tiles(monkeypatch, block_p: int):
+    """Every per-chunk kernel's P tile block_p (16 < P = 20: two P tiles, partial sums over them)."""
+    monkeypatch.setattr(st, "TILES", {key: (block_p, *rest) for key, (_, *rest) in st.TILES.items()})
+
+
 def gradients(args, dtype, chunk_size=16):
     """The gradients of ssd_triton (inputs in dtype) and of the float64 oracle (on the same rounded
     values) of one random linear function of y and the final state; returns (name, grad, ref) triples."""
@@ -92,13 +97,14 @@ def gradients(args, dtype, chunk_size=16):
 
 
 @pytest.mark.parametrize("L,Q,H,Hx,G,Gc,P,N,block_p", [
-    (37, 16, 4, 2, 2, 4, 20, 17, 64),   # L not a multiple of Q; Hx = G < H, Gc != G
-    (37, 10, 4, 2, 2, 4, 20, 17, 16),   # chunk size rounded up to 16; two P tiles
-    (70, 32, 4, 1, 1, 2, 8, 32, 64),    # one x head and one B group for all heads
-    (3, 64, 2, 2, 2, 1, 5, 6, 64),      # L < Q
+    (37, 16, 4, 2, 2, 4, 20, 17, None),   # L not a multiple of Q; Hx = G < H, Gc != G
+    (37, 10, 4, 2, 2, 4, 20, 17, 16),     # chunk size rounded up to 16; two P tiles
+    (70, 32, 4, 1, 1, 2, 8, 32, None),    # one x head and one B group for all heads
+    (3, 64, 2, 2, 2, 1, 5, 6, None),      # L < Q
 ])
 def test_forward_matches_token_loop(monkeypatch, L, Q, H, Hx, G, Gc, P, N, block_p):
-    monkeypatch.setattr(st, "MAX_BLOCK_P", block_p)
+    if block_p:
+        p_tiles(monkeypatch, block_p)
     args = inputs(L=L, H=H, Hx=Hx, G=G, Gc=Gc, P=P, N=N)
     y_ref, h_ref = oracle(*args)
     y, h = ssd_triton(*on(args), chunk_size=Q)
@@ -182,7 +188,7 @@ def test_steps_match_ssd_step_functions():
 
 @pytest.mark.parametrize("Hx,G,Gc,L,with_D_h0", [(2, 2, 4, 37, True), (1, 2, 1, 20, False)])
 def test_gradients_match_token_loop(monkeypatch, Hx, G, Gc, L, with_D_h0):
-    monkeypatch.setattr(st, "MAX_BLOCK_P", 16)      # P = 20: two P tiles, partial sums over them
+    p_tiles(monkeypatch, 16)
     args = inputs(L=L, Hx=Hx, G=G, Gc=Gc, D=with_D_h0, h0=with_D_h0)
     for name, a, r in gradients(args, torch.float32):
         assert rel_err(a, r) <= 1e-4, (name, rel_err(a, r))
@@ -193,15 +199,13 @@ def test_strong_decay_is_finite():
     x, dt, A, B, C, D, h0 = inputs(L=40)
     dt = torch.full_like(dt, 5.0)
     A = torch.full_like(A, -10.0)
-    args = [t.to(DEV, torch.float32).requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+    args = on((x, dt, A, B, C, D, h0))
     y, h = ssd_triton(*args, chunk_size=16)
-    (y.sum() + h.sum()).backward()
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
-    for name, t in zip(NAMES, args):
-        assert torch.isfinite(t.grad).all(), name
     y_ref, h_ref = oracle(*args)
     assert rel_err(y, y_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-5
     for name, a, r in gradients((x, dt, A, B, C, D, h0), torch.float32):
+        assert torch.isfinite(a).all(), name
         if name not in ("A", "initial_state"):      # decayed by e^-50: ~0, no relative error to speak of
             assert rel_err(a, r) <= 1e-4, (name, rel_err(a, r))
 
