@@ -1,7 +1,7 @@
-"""Tests of experiments/bench.py: the analytic cost table against hand-computed counts; the no-cache
-teacher's tokens against the cached ones and Model.generate; the smoke run (schema, points, ratios,
-goals, decode rounds, kernel bytes, the report); a saved model folder (--model); a point in a fresh
-process, failures, the budget, a killed run. Tiny sizes only (2 shared CPU cores).
+"""Tests of experiments/bench.py: the analytic cost table (costs.py) against hand-computed counts;
+the no-cache teacher's tokens against the cached ones and Model.generate; the smoke run (schema,
+points, ratios, goals, decode rounds, kernel bytes, the report); a saved model folder (--model); a
+point in a fresh process, failures, the budget, a killed run. Tiny sizes only (2 shared CPU cores).
 Run: python -m pytest -q tests/test_bench.py"""
 import dataclasses
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from convert import save_model
-from experiments import bench
+from experiments import bench, costs
 from model import Model, ModelConfig, make_layers
 
 
@@ -41,11 +41,11 @@ def _hovle_by_hand(n_attn):
 
 
 def test_cost_table_against_counts_by_hand():
-    costs = bench.costs_section()
+    table = costs.costs_section()
     L = 103000
     n = 256
     for setting, prompt in (("fig1", L), ("table2", 800)):
-        rows = {r["layout"]: r for r in costs[setting]}
+        rows = {r["layout"]: r for r in table[setting]}
         assert list(rows) == ["teacher", "teacher-nocache", "linear", "hybrid"]
         for layout, n_attn in (("teacher", 32), ("teacher-nocache", 32), ("linear", 0), ("hybrid", 8)):
             h = _hovle_by_hand(n_attn)
@@ -64,23 +64,23 @@ def test_cost_table_against_counts_by_hand():
         assert rows["teacher"]["step_gflop"] * 1e9 == pytest.approx(flops, rel=1e-12)
         assert rows["teacher"]["step_gb"] * 1e9 == pytest.approx(nbytes, rel=1e-12)
     # the roofline time of 3 tokens of the cached teacher at 103K: one prefill and two steps
-    a = bench.architecture(32)
+    a = costs.architecture(32)
     prefill = (2 * teacher["matmul"] * L + 2 * teacher["head"] + 32 * 2 * H * P * L * (L + 1),
                2 * (teacher["matmul"] + teacher["head"]) + teacher["kv_per_token"] * L)
     steps = [(2 * (teacher["matmul"] + teacher["head"]) + 32 * 4 * H * P * (t + 1),
               2 * (teacher["matmul"] + teacher["head"]) + teacher["kv_per_token"] * (t + 1)) for t in (L, L + 1)]
     by_hand = sum(max(f / 165e12, b / 1008e9) for f, b in [prefill, *steps])
-    assert bench.generation_s(a, L, 3) == pytest.approx(by_hand, rel=1e-12)
+    assert costs.generation_s(a, L, 3) == pytest.approx(by_hand, rel=1e-12)
     # the paper's claims against the two teachers: with a KV cache the hybrid (8 of 32 attention
     # layers) stays under 4x; without one the teacher is slower than the paper says at 256 tokens,
     # and the paper's 20.6x is crossed between two consecutive n
-    fig1 = {r["layout"]: r for r in costs["fig1"]}
+    fig1 = {r["layout"]: r for r in table["fig1"]}
     assert fig1["hybrid"]["vs_teacher"] < 4 < 13.5 < fig1["hybrid"]["vs_nocache"]
     assert fig1["linear"]["vs_teacher"] < 20.6 < fig1["linear"]["vs_nocache"]
-    below, above = costs["nocache_by_n"][-2:]
+    below, above = table["nocache_by_n"][-2:]
     assert below["linear"] < 20.6 <= above["linear"] and above["n"] == below["n"] + 1
     assert 1 - fig1["linear"]["memory_saved"] < 0.3 and 1 - fig1["hybrid"]["memory_saved"] < 0.5
-    text = "\n".join(bench.cost_lines(costs))
+    text = "\n".join(costs.cost_lines(table))
     assert "Only the no-cache teacher reproduces the paper's speed-ups" in text and "20.6x, 75.8%" in text
 
 
@@ -102,6 +102,17 @@ def test_nocache_teacher_generates_the_cached_tokens():
             assert torch.equal(out["tokens"], reference), (segment, cached)
             assert out["cache_bytes"] == (8 * 2 * 2 * (prompt.shape[1] + 12) * 32 * 8 if cached else 0)
     assert (table2 == cfg.img_context_id).sum() == 64 and table2.shape[1] == 96
+
+
+def test_kernel_calls_are_predicted_across_batches():
+    """A new batch's first call is predicted from the other batch's timing (an interpreted
+    fwd+bwd takes seconds: unpredicted, it ran past gpu_check.sh's limit)."""
+    timed = {("ssd_triton", "fwd+bwd"): (1, 64, 8.0)}
+    key = ("ssd_triton", "fwd+bwd")
+    assert bench.predicted_call_s(timed, key, 2, 64) == 16.0
+    assert bench.predicted_call_s(timed, key, 1, 128) == 32.0
+    assert bench.predicted_call_s(timed, key, 2, 32) == 8.0           # shorter: at least linear
+    assert bench.predicted_call_s(timed, ("sdpa_causal", "fwd"), 8, 4096) == 0.0
 
 
 # ---- The smoke run -------------------------------------------------------------------------------
