@@ -465,7 +465,7 @@ def save_mmmamba(model: Model, directory: str, like: str, dtype: torch.dtype = t
     (*.py) of an mmMamba `like`: it is what runs the released students (docs/usage.md)."""
     fmt = detect_format(like)
     c = _Config(os.path.join(like, "config.json"))
-    if fmt not in ("hovle", "mmmamba"):
+    if fmt == "native":
         raise InputError(f"{like}: `like` must be a HoVLE or mmMamba folder, got format '{fmt}'")
     cfg = model.cfg
     theirs = _hovle_config(c, fmt)

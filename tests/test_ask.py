@@ -16,7 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "checkpoints", "teacher")
 
 
-
 def test_teacher_answers_a_question_about_a_png(tmp_path, capsys):
     teacher = load_model(TEACHER).eval()
     samples = [data.sample_at(data.DataConfig(), "test", 0, i) for i in range(14)]
